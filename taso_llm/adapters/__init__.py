@@ -1,0 +1,8 @@
+"""Sparse adapters on frozen linear layers: `base(x) + update(x)`, with the update computed only on core
+input columns and scattered into core output rows. The base layer is called, never read, so 4-bit, ZeRO-3 and
+FSDP bases keep working. Structures are registered in `updates.UPDATES`."""
+
+from .updates import UPDATES, delta_weight
+from .wrap import SparseAdapterLinear, attach_updates, iter_adapters, unwrap_adapters
+
+__all__ = ["UPDATES", "delta_weight", "SparseAdapterLinear", "attach_updates", "iter_adapters", "unwrap_adapters"]

@@ -1,0 +1,105 @@
+"""Sparse updates: each reads a few input columns and writes a few output rows of a frozen linear layer.
+
+An update returns (contribution, out_index): `contribution[..., k]` is added to output feature `out_index[k]`.
+No dense d_out × d_in tensor is built in forward or backward; the dense forms below (`delta_weight`, `lora_factors`)
+exist only for merge/export, run once offline.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..regions import Region
+
+
+class LoraBlockUpdate(nn.Module):
+    """ΔW[R, C] = (alpha / r) · B A, with A: r × |C| (random init) and B: |R| × r (zero init)."""
+
+    def __init__(self, region: Region, alpha: float, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.shape, self.rank, self.alpha = region.shape, region.rank, float(alpha)
+        self.register_buffer("rows", region.rows.to(device=device, dtype=torch.long))
+        self.register_buffer("cols", region.cols.to(device=device, dtype=torch.long))
+        self.lora_A = nn.Parameter(torch.empty(self.rank, len(region.cols), dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(len(region.rows), self.rank, dtype=dtype, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT's LoRA A
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x.index_select(-1, self.cols) @ self.lora_A.T
+        return (h @ self.lora_B.T) * self.scaling, self.rows
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Zero-padded LoRA factors (A: r × d_in, B: d_out × r) and scaling, reproducing this update exactly."""
+        d_out, d_in = self.shape
+        a = self.lora_A.new_zeros(self.rank, d_in).index_copy(1, self.cols, self.lora_A.detach())
+        b = self.lora_B.new_zeros(d_out, self.rank).index_copy(0, self.rows, self.lora_B.detach())
+        return a, b, self.scaling
+
+    def block(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A).detach() * self.scaling
+
+
+class DenseBlockUpdate(nn.Module):
+    """ΔW[R, C] = D, a free |R| × |C| block, zero init."""
+
+    def __init__(self, region: Region, alpha: float, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.shape = region.shape
+        self.register_buffer("rows", region.rows.to(device=device, dtype=torch.long))
+        self.register_buffer("cols", region.cols.to(device=device, dtype=torch.long))
+        self.delta = nn.Parameter(torch.zeros(len(region.rows), len(region.cols), dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.index_select(-1, self.cols) @ self.delta.T, self.rows
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Exact as a LoRA of rank |C|: A selects the core columns, B holds the block in the core rows."""
+        d_out, d_in = self.shape
+        k = len(self.cols)
+        a = self.delta.new_zeros(k, d_in).index_put_((torch.arange(k, device=self.cols.device), self.cols),
+                                                     self.delta.new_ones(k))
+        b = self.delta.new_zeros(d_out, k).index_copy(0, self.rows, self.delta.detach())
+        return a, b, 1.0
+
+    def block(self) -> torch.Tensor:
+        return self.delta.detach()
+
+
+class EntriesUpdate(nn.Module):
+    """ΔW[rows[k], cols[k]] = values[k] at stored indices, zero init; the gradient exists only at those entries."""
+
+    def __init__(self, region: Region, alpha: float, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.shape = region.shape
+        self.register_buffer("rows", region.rows.to(device=device, dtype=torch.long))
+        self.register_buffer("cols", region.cols.to(device=device, dtype=torch.long))
+        self.values = nn.Parameter(torch.zeros(len(region.rows), dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.index_select(-1, self.cols) * self.values, self.rows
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Exact as a LoRA whose rank is the number of distinct columns (A one-hot per column, B the values)."""
+        d_out, d_in = self.shape
+        uniq, slot = torch.unique(self.cols, return_inverse=True)
+        k = len(uniq)
+        a = self.values.new_zeros(k, d_in).index_put_((torch.arange(k, device=uniq.device), uniq),
+                                                      self.values.new_ones(k))
+        b = self.values.new_zeros(d_out, k).index_put_((self.rows, slot), self.values.detach())
+        return a, b, 1.0
+
+
+UPDATES = {"lora_block": LoraBlockUpdate, "dense_block": DenseBlockUpdate, "entries": EntriesUpdate}
+
+
+def delta_weight(update: nn.Module) -> torch.Tensor:
+    """The dense ΔW of an update (d_out × d_in). For merge/export and tests only, never in a training step."""
+    a, b, scaling = update.lora_factors()
+    return (b.float() @ a.float()) * scaling

@@ -1,0 +1,78 @@
+"""Putting updates onto a model and taking them off again."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..regions import Region
+from .updates import UPDATES
+
+
+class SparseAdapterLinear(nn.Module):
+    """A frozen linear layer plus a sparse update: y = base(x), then y[..., out_index] += contribution."""
+
+    def __init__(self, base: nn.Module, update: nn.Module):
+        super().__init__()
+        self.base = base
+        self.update = update
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        dtype = next(self.update.parameters()).dtype
+        contribution, out_index = self.update(x.to(dtype))
+        return out.index_add(-1, out_index, contribution.to(out.dtype))
+
+    # Callers (PEFT helpers, generation utils, our exporters) look these up on linear layers.
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def attach_updates(model: nn.Module, regions: dict[str, Region], alpha: float = 1.0,
+                   dtype: torch.dtype | None = None, device=None) -> dict[str, SparseAdapterLinear]:
+    """Wrap each named linear layer with the update its region's structure names. Base weights are frozen."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = {}
+    for name, region in regions.items():
+        base = model.get_submodule(name)
+        if isinstance(base, SparseAdapterLinear):
+            raise ValueError(f"{name} already carries an adapter")
+        if (base.out_features, base.in_features) != tuple(region.shape):
+            raise ValueError(f"mask for {name} has shape {tuple(region.shape)} but the layer is "
+                             f"{(base.out_features, base.in_features)}")
+        ref = base.weight
+        update_dtype = dtype or (ref.dtype if ref.dtype.is_floating_point else torch.float32)
+        update = UPDATES[region.structure](region, alpha=alpha, dtype=update_dtype,
+                                           device=device if device is not None else ref.device)
+        wrapped[name] = SparseAdapterLinear(base, update)
+        _set_submodule(model, name, wrapped[name])
+    return wrapped
+
+
+def iter_adapters(model: nn.Module):
+    """(name of the adapted layer, wrapper) for every adapted layer; names are those of the unwrapped model."""
+    for name, module in model.named_modules():
+        if isinstance(module, SparseAdapterLinear):
+            yield name, module
+
+
+def unwrap_adapters(model: nn.Module) -> nn.Module:
+    """Put the base layers back in place of their wrappers (the updates are dropped)."""
+    for name, module in list(iter_adapters(model)):
+        _set_submodule(model, name, module.base)
+    return model

@@ -1,0 +1,108 @@
+"""Core regions: importance statistics + shape + parameter budget → which rows/columns/entries an adapter trains.
+
+Structures (chosen reading of TASO, methods.md):
+  - "lora_block":  a rank-r update B_R A_C on core rows R × core columns C, with r·(|R| + |C|) ≤ budget;
+  - "dense_block": a free |R| × |C| block, |R|·|C| ≤ budget;
+  - "entries":     the top-`budget` entries of I (needs full importance matrices).
+
+Block sizes: row shares f_r(a) (importance mass held by the top-a rows) and column shares f_c(b) are taken from
+the statistics; the split of the budget between rows and columns maximises f_r(a)·f_c(b), the block's share of
+the mass if importance were a product of row and column factors. Ties keep the smaller row count. Everything is
+sorted with stable sorts so the same statistics always give the same masks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+STRUCTURES = ("lora_block", "dense_block", "entries")
+
+
+@dataclass
+class Region:
+    """Trainable coordinates of one matrix. Blocks: sorted `rows`, `cols`. Entries: pairs (rows[k], cols[k])."""
+
+    structure: str
+    shape: tuple[int, int]
+    rows: torch.Tensor  # int64
+    cols: torch.Tensor  # int64
+    rank: int = 1
+
+    def num_params(self) -> int:
+        if self.structure == "lora_block":
+            return self.rank * (len(self.rows) + len(self.cols))
+        if self.structure == "dense_block":
+            return len(self.rows) * len(self.cols)
+        return len(self.rows)
+
+
+def parse_budget(budget: str | int, shape: tuple[int, int]) -> int:
+    """Trainable parameters allowed for one matrix: 'rank1' = d_in + d_out, 'rankK' = K·(d_in + d_out), or an int."""
+    d_out, d_in = shape
+    text = str(budget).strip().lower()
+    if text.isdigit():
+        return int(text)
+    match = re.fullmatch(r"(?:rank|lora_r)(\d+)", text)
+    if match:
+        return int(match.group(1)) * (d_in + d_out)
+    raise ValueError(f"budget={budget!r}: expected 'rank1', 'rankK' (K·(d_in+d_out) params), or an integer")
+
+
+def min_budget(structure: str, rank: int) -> int:
+    """The smallest budget the structure can spend: one row and one column at rank r, or one entry."""
+    return 2 * rank if structure == "lora_block" else 1
+
+
+def mass_shares(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, share): indices by descending score and the cumulative share held by the top-k, k = 1..n."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    cum = torch.cumsum(scores[order].double(), 0)
+    total = float(cum[-1]) if len(cum) else 0.0
+    if total <= 0:  # no signal: shares grow linearly, the first indices win
+        share = torch.arange(1, len(scores) + 1, dtype=torch.float64) / len(scores)
+    else:
+        share = cum / total
+    return order, share
+
+
+def _sorted(idx: torch.Tensor) -> torch.Tensor:
+    return torch.sort(idx).values
+
+
+def choose_region(row: torch.Tensor, col: torch.Tensor, shape: tuple[int, int], structure: str, budget: int,
+                  rank: int = 1, full: torch.Tensor | None = None) -> Region:
+    d_out, d_in = shape
+    if budget < min_budget(structure, rank):
+        raise ValueError(f"budget of {budget} params is below what structure={structure!r} "
+                         f"(rank={rank}) can use: at least {min_budget(structure, rank)}")
+    if structure == "entries":
+        if full is None:
+            raise ValueError("structure='entries' needs full importance matrices (importance keep='full')")
+        k = min(budget, d_out * d_in)
+        flat = torch.sort(full.flatten(), descending=True, stable=True).indices[:k]
+        flat = torch.sort(flat).values  # row-major order: rows then cols ascending
+        return Region(structure, shape, flat // d_in, flat % d_in)
+    row_order, row_share = mass_shares(row)
+    col_order, col_share = mass_shares(col)
+    a = torch.arange(1, d_out + 1)
+    if structure == "lora_block":
+        cells = budget // rank  # |R| + |C|
+        b = torch.clamp(cells - a, max=d_in)
+    elif structure == "dense_block":
+        b = torch.clamp(budget // a, max=d_in)
+    else:
+        raise ValueError(f"structure={structure!r}: expected one of {STRUCTURES}")
+    valid = b >= 1
+    value = torch.where(valid, row_share * col_share[torch.clamp(b, min=1) - 1], torch.tensor(-1.0, dtype=torch.float64))
+    best = int(torch.argmax(value))  # argmax returns the first maximum: the smaller row count on ties
+    n_rows, n_cols = best + 1, int(b[best])
+    return Region(structure, shape, _sorted(row_order[:n_rows]), _sorted(col_order[:n_cols]),
+                  rank=rank if structure == "lora_block" else 1)
+
+
+def lora_params(shape: tuple[int, int], rank: int = 1) -> int:
+    """Parameters of a rank-r LoRA on a matrix: the reference TASO's budget is measured against."""
+    return rank * (shape[0] + shape[1])
