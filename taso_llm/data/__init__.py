@@ -1,0 +1,1 @@
+"""Data loading for SFT: formats, mixtures, held-out split, length policy, synthetic tasks."""
