@@ -10,7 +10,7 @@ class DataFormatError(ValueError):
         self.source, self.row, self.field = source, row, field
         where = [source]
         if row is not None:
-            where.append(f"row {row}")
+            where.append(f"row {row} (0-based)")
         if field is not None:
             where.append(f"field '{field}'")
         super().__init__(f"{', '.join(where)}: {message}")

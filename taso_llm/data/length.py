@@ -1,0 +1,46 @@
+"""Length report and policy: count (and optionally drop) rows that do not fit max_length, never silently.
+
+Lengths are measured exactly as the trainer will see them: the chat template rendered over prompt+completion, and
+the prompt alone with add_generation_prompt=True (the completion-only loss starts where that prefix ends).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from datasets import Dataset
+
+POLICIES = ("truncate", "drop")
+logger = logging.getLogger("taso_llm")
+
+
+def token_lengths(row: dict, tokenizer) -> dict:
+    def count(messages, add_generation_prompt):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                            return_dict=True)["input_ids"]
+        return len(ids)
+
+    return {"prompt_tokens": count(row["prompt"], True), "total_tokens": count(row["prompt"] + row["completion"], False)}
+
+
+def apply_length_policy(dataset: Dataset, tokenizer, max_length: int, policy: str = "truncate"):
+    """Returns (dataset, stats). Rows whose prompt alone is >= max_length are always dropped (no completion token
+    would survive truncation, so there is nothing to learn); other rows over max_length are dropped under "drop" and
+    kept under "truncate" (the trainer truncates them)."""
+    if policy not in POLICIES:
+        raise ValueError(f"max_length_policy: expected one of {POLICIES}, got {policy!r}")
+    if not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length: expected a positive int, got {max_length!r}")
+    lengths = dataset.map(token_lengths, fn_kwargs={"tokenizer": tokenizer}, remove_columns=dataset.column_names,
+                          load_from_cache_file=False, desc="Measuring token lengths")
+    prompt_tokens, total_tokens = lengths["prompt_tokens"], lengths["total_tokens"]
+    over = [total > max_length for total in total_tokens]
+    prompt_too_long = [p >= max_length for p in prompt_tokens]
+    keep = [not (long_prompt or (policy == "drop" and is_over)) for long_prompt, is_over in zip(prompt_too_long, over)]
+    kept = dataset.select([i for i, k in enumerate(keep) if k]) if not all(keep) else dataset
+    stats = {"rows": len(dataset), "over_max_length": sum(over), "prompt_too_long": sum(prompt_too_long),
+             "dropped": len(dataset) - len(kept), "kept": len(kept), "policy": policy, "max_length": max_length}
+    logger.info("length policy %r at max_length=%d: %d of %d rows over, %d with the prompt alone >= max_length, "
+                "%d dropped, %d kept", policy, max_length, stats["over_max_length"], stats["rows"],
+                stats["prompt_too_long"], stats["dropped"], stats["kept"])
+    return kept, stats
