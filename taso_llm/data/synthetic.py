@@ -12,6 +12,7 @@ Three families, all in the common row schema (see schema.py):
 from __future__ import annotations
 
 import json
+import operator
 import random
 
 from taso_llm.data.schema import user_row
@@ -208,6 +209,49 @@ def instruct_tasks(n: int, seed: int) -> list[dict]:
 def check_instruct(row: dict, response: str) -> bool:
     """The instruct checker: every instruction has exactly one correct response, stored in `answer`."""
     return response.strip() == row["answer"].strip()
+
+
+# ---------------------------------------------------------------------------------------------------- pretraining
+# Plain-text documents that teach the sub-skills the SFT tasks compose (copying numbers, arithmetic facts, code
+# shapes, output formats), for pretraining a proxy base model before fine-tuning.
+ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+def _doc_arithmetic(rng):
+    lines = []
+    for _ in range(rng.randint(6, 10)):
+        a, b = rng.randint(0, 60), rng.randint(0, 60)
+        op = rng.choice("+-*")
+        a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)  # facts stay non-negative, like the word problems
+        lines.append(f"{a} {op} {b} = {ARITHMETIC[op](a, b)}.")
+    return "\n".join(lines)
+
+
+def _doc_copy(rng):
+    return "\n".join(f"Copy the number {n}: {n}." for n in (rng.randint(0, 9999) for _ in range(rng.randint(4, 8))))
+
+
+def _doc_word_problem(rng):
+    row = math_word_problem(rng)
+    return f"Question: {row['prompt'][0]['content']}\nAnswer: {row['completion'][0]['content']}"
+
+
+def _doc_code(rng):
+    row = code_task(rng)
+    return f"# {row['prompt'][0]['content']}\n{row['completion'][0]['content']}{row['tests']}"
+
+
+def _doc_format(rng):
+    return "\n\n".join(f"Instruction: {row['prompt'][0]['content']}\nResponse: {row['completion'][0]['content']}"
+                        for row in (instruct_task(rng) for _ in range(rng.randint(2, 4))))
+
+
+PRETRAINING_DOCS = [_doc_arithmetic, _doc_copy, _doc_word_problem, _doc_code, _doc_format]
+
+
+def pretraining_text(n_docs: int, seed: int) -> list[str]:
+    rng = random.Random(f"pretraining-{seed}")
+    return [rng.choice(PRETRAINING_DOCS)(rng) for _ in range(n_docs)]
 
 
 def main(argv: list[str] | None = None) -> None:
