@@ -1,0 +1,29 @@
+"""TASO supervised fine-tuning.
+
+    accelerate launch recipes/sft_taso.py                                      # embedded tiny default, CPU, minutes
+    accelerate launch recipes/sft_taso.py --config recipes/configs/llama-3.1-8b/instruct_taso.yaml
+    accelerate launch recipes/sft_taso.py --config ... --budget rank2 --learning_rate 5e-4   # any field from the CLI
+"""
+
+import sys
+from pathlib import Path
+
+from trl import ModelConfig, SFTConfig, TrlParser
+
+from taso_llm.config import TasoArguments
+from taso_llm.data import DataArguments
+from taso_llm.run import run_sft
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny" / "instruct_taso.yaml"
+
+
+def main():
+    if "--config" not in sys.argv:  # no config: the embedded default
+        sys.argv[1:1] = ["--config", str(DEFAULT_CONFIG)]
+    parser = TrlParser((DataArguments, TasoArguments, SFTConfig, ModelConfig))
+    data_args, taso_args, training_args, model_args = parser.parse_args_and_config()
+    run_sft(data_args, taso_args, training_args, model_args)
+
+
+if __name__ == "__main__":
+    main()

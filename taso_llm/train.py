@@ -1,0 +1,122 @@
+"""Trainer construction: TRL's SFTTrainer with adapter-only checkpoints and a callback that records metrics.
+
+Checkpoints of a sparse-adapter run hold only the adapter (indices + values), optimizer and scheduler state, not a
+copy of the frozen base: `_save` writes the adapter and `_load_from_checkpoint` loads it back into the already
+wrapped model when a run resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from trl import SFTTrainer
+
+from .adapters import iter_adapters
+from .adapters_io import CONFIG_NAME, WEIGHTS_NAME, adapter_config, read_adapter
+from .io import save_safetensors, write_json
+
+log = logging.getLogger("taso_llm")
+
+
+def peak_memory_bytes() -> dict:
+    """Peak accelerator memory if there is one, and the process's peak resident memory."""
+    out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin"
+                                                                                   else 1024)}
+    if torch.cuda.is_available():
+        out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+class MetricsCallback(TrainerCallback):
+    """Keeps the loss curve and timing; the run writes them into metrics.json."""
+
+    def __init__(self):
+        self.losses: list[tuple[int, float]] = []
+        self.eval_losses: list[tuple[int, float]] = []
+        self.num_tokens = 0.0
+        self.start = self.seconds = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            self.losses.append((state.global_step, float(logs["loss"])))
+        if "eval_loss" in logs:
+            self.eval_losses.append((state.global_step, float(logs["eval_loss"])))
+        if "num_tokens" in logs:
+            self.num_tokens = float(logs["num_tokens"])
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds = time.perf_counter() - self.start
+
+
+def _adapter_entries(state_dict: dict, names: list[str]) -> dict:
+    """From a full (possibly gathered) model state dict, the adapter tensors keyed `<module>.<tensor>`."""
+    out = {}
+    for name in names:
+        prefix = f"{name}.update."
+        for key, value in state_dict.items():
+            if key.startswith(prefix) or key.startswith("module." + prefix):
+                short = key.split(prefix, 1)[1]
+                out[f"{name}.{short}"] = value.to(torch.int32) if short in ("rows", "cols") else value
+    return out
+
+
+class TasoSFTTrainer(SFTTrainer):
+    """SFTTrainer whose checkpoints of a sparse-adapter model contain the adapter only."""
+
+    def __init__(self, *args, base_model_id: str = "", adapter_alpha: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.base_model_id, self.adapter_alpha = base_model_id, adapter_alpha
+
+    def _has_adapters(self) -> bool:
+        return any(True for _ in iter_adapters(self.accelerator.unwrap_model(self.model)))
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self._has_adapters():
+            return super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return
+        output_dir = Path(output_dir or self.args.output_dir)
+        model = self.accelerator.unwrap_model(self.model)
+        names = [n for n, _ in iter_adapters(model)]
+        source = state_dict if state_dict else model.state_dict()
+        save_safetensors(_adapter_entries(source, names), output_dir / WEIGHTS_NAME)
+        write_json(output_dir / CONFIG_NAME, adapter_config(model, self.base_model_id, self.adapter_alpha))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not self._has_adapters():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        config, state = read_adapter(resume_from_checkpoint)
+        for name, wrapper in iter_adapters(model):
+            if name not in config["modules"]:
+                raise ValueError(f"{resume_from_checkpoint}: checkpoint has no adapter for {name}")
+            for key in ("rows", "cols"):
+                if not torch.equal(state[f"{name}.{key}"].long().cpu(), getattr(wrapper.update, key).cpu()):
+                    raise ValueError(f"{resume_from_checkpoint}: {name}.{key} differ from this run's masks")
+            with torch.no_grad():
+                for key, param in wrapper.update.named_parameters():
+                    param.copy_(state[f"{name}.{key}"])
+        log.info("resumed adapter values from %s", resume_from_checkpoint)
+
+
+def build_trainer(model, tokenizer, train_dataset, eval_dataset, training_args, base_model_id: str,
+                  adapter_alpha: float = 1.0, callbacks=None) -> TasoSFTTrainer:
+    if getattr(model, "is_quantized", False):
+        # transformers refuses a quantized model without adapters; ours are attached after importance,
+        # before the optimizer exists, so declare them now.
+        model._hf_peft_config_loaded = True
+    return TasoSFTTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                          processing_class=tokenizer, callbacks=callbacks, base_model_id=base_model_id,
+                          adapter_alpha=adapter_alpha)
