@@ -84,7 +84,7 @@ CASES = {
               "tests": "assert add(1, 2) == 3\nassert add(0, 0) == 0\n", "entry_point": "add"}),
     "humaneval": ({"task_id": "HumanEval/0", "prompt": 'def inc(x):\n    """Return x + 1."""\n',
                    "canonical_solution": "    return x + 1\n", "test": HUMANEVAL_TEST, "entry_point": "inc"},
-                  {"prompt": [user('def inc(x):\n    """Return x + 1."""\n')], "completion": [bot("    return x + 1\n")],
+                  {"prompt": [user('def inc(x):\n    """Return x + 1."""\n')], "completion": [bot('def inc(x):\n    """Return x + 1."""\n    return x + 1\n')],
                    "task": "code", "tests": HUMANEVAL_TEST + "\ncheck(inc)\n", "entry_point": "inc"}),
     "prompt_completion": ({"prompt": "Say hi.", "completion": "hi"},
                           {"prompt": [user("Say hi.")], "completion": [bot("hi")], "task": "instruct"}),
@@ -129,7 +129,9 @@ def test_variants():
 
 def test_humaneval_reference_passes_its_tests(tmp_path):
     row = load_all(write_rows(tmp_path / "he.jsonl", [CASES["humaneval"][0]]))[0]
-    exec(row["prompt"][0]["content"] + row["completion"][0]["content"] + row["tests"], {})  # trusted fixture
+    namespace = {}
+    exec(row["completion"][0]["content"] + row["tests"], namespace)  # trusted fixture: runs check(inc)
+    assert namespace["inc"](41) == 42
 
 
 def test_detection_errors_list_columns(tmp_path):
@@ -262,3 +264,97 @@ def test_system_prompt_prepended_unless_present(tmp_path):
     rows = load_all(both, system_prompt="Answer carefully.")
     assert rows[0]["prompt"] == [sys("Own.")]
     assert rows[1]["prompt"] == [sys("Answer carefully."), user("Plain?")]
+
+
+# ------------------------------------------------------------------------------------------------- length policy
+def hand_count(tokenizer, messages, add_generation_prompt):
+    """Token count by a second route: render the template to text, then tokenize the text."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def length_rows(tmp_path):
+    rows = [{"prompt": "Say hi.", "completion": "hi"},
+            {"prompt": "Count.", "completion": "1, 2, 3, 4, 5"},
+            {"prompt": "Talk.", "completion": "word " * 60},
+            {"prompt": "word " * 80, "completion": "ok"}]
+    return load_all(write_rows(tmp_path / "len.jsonl", rows))
+
+
+def test_length_policy_matches_hand_count(tmp_path, tiny_tokenizer, caplog):
+    ds = length_rows(tmp_path)
+    prompt_len = [hand_count(tiny_tokenizer, row["prompt"], True) for row in ds]
+    total_len = [hand_count(tiny_tokenizer, row["prompt"] + row["completion"], False) for row in ds]
+    limit = total_len[1]  # the medium row fits exactly: equal to max_length is not over
+    assert total_len[0] < limit < total_len[2] and prompt_len[2] < limit <= prompt_len[3]
+
+    with caplog.at_level("INFO", logger="taso_llm"):
+        kept, stats = apply_length_policy(ds, tiny_tokenizer, limit, "drop")
+    assert stats == {"rows": 4, "over_max_length": 2, "prompt_too_long": 1, "dropped": 2, "kept": 2,
+                     "policy": "drop", "max_length": limit, "prompt_not_prefix": 0}
+    assert [r["completion"][0]["content"] for r in kept] == ["hi", "1, 2, 3, 4, 5"]
+    assert any("2 of 4 rows over" in rec.getMessage() for rec in caplog.records if rec.name == "taso_llm")
+
+    kept, stats = apply_length_policy(ds, tiny_tokenizer, limit, "truncate")
+    assert (stats["over_max_length"], stats["prompt_too_long"], stats["dropped"]) == (2, 1, 1)
+    assert [r["completion"][0]["content"] for r in kept] == ["hi", "1, 2, 3, 4, 5", "word " * 60]
+
+    # A prompt exactly max_length tokens long leaves no room for any completion token: dropped under both policies.
+    _, stats = apply_length_policy(ds, tiny_tokenizer, prompt_len[0], "truncate")
+    assert stats["prompt_too_long"] == sum(p >= prompt_len[0] for p in prompt_len) and stats["prompt_too_long"] >= 2
+    with pytest.raises(ValueError, match="max_length_policy"):
+        apply_length_policy(ds, tiny_tokenizer, limit, "clip")
+
+
+def test_length_policy_reports_misaligned_prompt(tmp_path, tiny_tokenizer):
+    # A completion starting with indentation merges with the template's trailing newline: the mask would be off.
+    ds = load_all(write_rows(tmp_path / "ws.jsonl", [{"prompt": "Body?", "completion": "    return 1"},
+                                                     {"prompt": "Say hi.", "completion": "hi"}]))
+    assert apply_length_policy(ds, tiny_tokenizer, 64)[1]["prompt_not_prefix"] == 1
+
+
+def test_rendered_prompt_is_token_prefix(tiny_tokenizer):
+    rows = list(load_sft_splits(DataArguments(validation_size=0))["train"].select(range(60)))
+    rows += [expected_row(expected) for _, expected in CASES.values()]
+    for row in rows:
+        prompt = tiny_tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=True)
+        full = tiny_tokenizer.apply_chat_template(row["prompt"] + row["completion"], return_dict=True)
+        n = len(prompt["input_ids"])
+        assert full["input_ids"][:n] == prompt["input_ids"] and len(full["input_ids"]) > n
+
+
+# --------------------------------------------------------------------------------------------------- arguments
+def test_trl_parser_yaml_and_cli_round_trip(tmp_path, mixture):
+    from trl import SFTConfig, TrlParser
+
+    config = {"dataset_name": "taso-tiny", "validation_size": 10, "max_train_samples": 100,
+              "dataset_mixture": mixture, "system_prompt": "Be exact.", "output_dir": str(tmp_path / "out"),
+              "max_length": 256, "bf16": False, "use_cpu": True}
+    write_text(tmp_path / "recipe.yaml", json.dumps(config))  # JSON is valid YAML
+    parser = TrlParser((DataArguments, SFTConfig))
+    data_args, sft = parser.parse_args_and_config(
+        ["--config", str(tmp_path / "recipe.yaml"), "--max_train_samples", "50", "--max_length_policy", "drop"])
+    assert data_args.dataset_mixture == mixture
+    assert (data_args.validation_size, data_args.max_train_samples, data_args.max_length_policy) == (10, 50, "drop")
+    assert (data_args.system_prompt, sft.max_length) == ("Be exact.", 256)
+    splits = load_sft_splits(data_args)
+    assert (len(splits["train"]), len(splits["validation"])) == (50, 10)
+    assert splits["train"][0]["prompt"][0] == sys("Be exact.")
+
+    (cli_args,) = TrlParser((DataArguments,)).parse_args_and_config(
+        ["--dataset_mixture", json.dumps({"m": {"path": "x.jsonl", "weight": 0.5}}), "--validation_size", "0.2"])
+    assert cli_args.dataset_mixture == {"m": {"path": "x.jsonl", "weight": 0.5}} and cli_args.validation_size == 0.2
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"dataset_format": "csv"}, "dataset_format: unknown format 'csv'"),
+    ({"max_length_policy": "clip"}, "max_length_policy"),
+    ({"validation_size": 2.5}, "validation_size"),
+    ({"dataset_mixture": {"a": {"path": "x", "wieght": 1}}}, r"\['a'\]: unknown keys \['wieght'\]"),
+    ({"dataset_mixture": {"a": {"path": "x", "weight": -1}}}, r"\['a'\].weight"),
+    ({"dataset_mixture": {"a": {"weight": 1}}}, "exactly one of 'path' or 'dataset_name'"),
+    ({"dataset_mixture": "{not json"}, "not valid JSON"),
+])
+def test_data_arguments_reject_bad_values(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        DataArguments(**kwargs)

@@ -159,9 +159,12 @@ def mbpp(row: dict) -> dict:
 
 
 def humaneval(row: dict) -> dict:
-    # completion is the function body only; running the tests needs prompt + completion + tests.
-    entry_point = text(row, "entry_point")
-    return user_row(text(row, "prompt"), text(row, "canonical_solution"), "code",
+    # The completion is the whole function (prompt code + canonical body), not the bare body: a reply starting with
+    # indentation merges with the template's trailing newline into one token, so the rendered prompt would stop being
+    # a token prefix of prompt+completion (completion-only loss misaligns). It also makes `completion + tests`
+    # runnable on its own, as for every other code format.
+    prompt, entry_point = text(row, "prompt"), text(row, "entry_point")
+    return user_row(prompt, prompt + text(row, "canonical_solution"), "code",
                     tests=f"{text(row, 'test')}\ncheck({entry_point})\n", entry_point=entry_point)
 
 

@@ -15,12 +15,13 @@ logger = logging.getLogger("taso_llm")
 
 
 def token_lengths(row: dict, tokenizer) -> dict:
-    def count(messages, add_generation_prompt):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                            return_dict=True)["input_ids"]
-        return len(ids)
+    def ids(messages, add_generation_prompt):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                             return_dict=True)["input_ids"]
 
-    return {"prompt_tokens": count(row["prompt"], True), "total_tokens": count(row["prompt"] + row["completion"], False)}
+    prompt, full = ids(row["prompt"], True), ids(row["prompt"] + row["completion"], False)
+    # Completion-only loss masks the first len(prompt) tokens; if the prompt is not a token prefix that mask is off.
+    return {"prompt_tokens": len(prompt), "total_tokens": len(full), "prefix_ok": full[:len(prompt)] == prompt}
 
 
 def apply_length_policy(dataset: Dataset, tokenizer, max_length: int, policy: str = "truncate"):
@@ -39,8 +40,10 @@ def apply_length_policy(dataset: Dataset, tokenizer, max_length: int, policy: st
     keep = [not (long_prompt or (policy == "drop" and is_over)) for long_prompt, is_over in zip(prompt_too_long, over)]
     kept = dataset.select([i for i, k in enumerate(keep) if k]) if not all(keep) else dataset
     stats = {"rows": len(dataset), "over_max_length": sum(over), "prompt_too_long": sum(prompt_too_long),
-             "dropped": len(dataset) - len(kept), "kept": len(kept), "policy": policy, "max_length": max_length}
+             "dropped": len(dataset) - len(kept), "kept": len(kept), "policy": policy, "max_length": max_length,
+             "prompt_not_prefix": len(dataset) - sum(lengths["prefix_ok"])}
     logger.info("length policy %r at max_length=%d: %d of %d rows over, %d with the prompt alone >= max_length, "
-                "%d dropped, %d kept", policy, max_length, stats["over_max_length"], stats["rows"],
-                stats["prompt_too_long"], stats["dropped"], stats["kept"])
+                "%d dropped, %d kept; %d rows whose rendered prompt is not a token prefix of prompt+completion",
+                policy, max_length, stats["over_max_length"], stats["rows"], stats["prompt_too_long"],
+                stats["dropped"], stats["kept"], stats["prompt_not_prefix"])
     return kept, stats
