@@ -112,8 +112,9 @@ def _activations_require_grad(model: nn.Module):
 def _scoring_mode(model: nn.Module):
     """Eval mode (no dropout) and no gradient checkpointing (its recompute would fire the hooks twice)."""
     was_training = model.training
-    checkpointing = getattr(model, "is_activation_checkpointing",
-                            getattr(model, "is_gradient_checkpointing", False))
+    flag = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    checkpointing = getattr(model, flag, False)
     if checkpointing:
         model.gradient_checkpointing_disable()
     model.eval()
