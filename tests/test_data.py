@@ -70,7 +70,8 @@ CASES = {
     "metamath": ({"query": "What is 6 * 7?", "response": "6 * 7 = 42.\nThe answer is: 42", "type": "GSM_Rephrased"},
                  {"prompt": [user("What is 6 * 7?")], "completion": [bot("6 * 7 = 42.\nThe answer is: 42")],
                   "task": "math", "answer": "42"}),
-    "codealpaca": ({"instruction": "Write a function that doubles x.", "input": "", "output": "def f(x):\n    return 2 * x"},
+    "codealpaca": ({"instruction": "Write a function that doubles x.", "input": "",
+                    "output": "def f(x):\n    return 2 * x"},
                    {"prompt": [user("Write a function that doubles x.")],
                     "completion": [bot("def f(x):\n    return 2 * x")], "task": "code"}),
     "magicoder": ({"problem": "Reverse a string s.", "solution": "def rev(s):\n    return s[::-1]", "lang": "python"},
@@ -84,7 +85,8 @@ CASES = {
               "tests": "assert add(1, 2) == 3\nassert add(0, 0) == 0\n", "entry_point": "add"}),
     "humaneval": ({"task_id": "HumanEval/0", "prompt": 'def inc(x):\n    """Return x + 1."""\n',
                    "canonical_solution": "    return x + 1\n", "test": HUMANEVAL_TEST, "entry_point": "inc"},
-                  {"prompt": [user('def inc(x):\n    """Return x + 1."""\n')], "completion": [bot('def inc(x):\n    """Return x + 1."""\n    return x + 1\n')],
+                  {"prompt": [user('def inc(x):\n    """Return x + 1."""\n')],
+                   "completion": [bot('def inc(x):\n    """Return x + 1."""\n    return x + 1\n')],
                    "task": "code", "tests": HUMANEVAL_TEST + "\ncheck(inc)\n", "entry_point": "inc"}),
     "prompt_completion": ({"prompt": "Say hi.", "completion": "hi"},
                           {"prompt": [user("Say hi.")], "completion": [bot("hi")], "task": "instruct"}),
@@ -136,8 +138,8 @@ def test_humaneval_reference_passes_its_tests(tmp_path):
 
 def test_detection_errors_list_columns(tmp_path):
     path = write_rows(tmp_path / "odd.jsonl", [{"foo": "a", "bar": "b"}])
-    with pytest.raises(DataFormatError,
-                       match=r"odd\.jsonl, field 'dataset_format': cannot detect the format from columns \['foo', 'bar'\]"):
+    with pytest.raises(DataFormatError, match=r"odd\.jsonl, field 'dataset_format': "
+                                              r"cannot detect the format from columns \['foo', 'bar'\]"):
         load_all(path)
     with pytest.raises(DataFormatError, match=r"ambiguous.*\['alpaca', 'magicoder'\]"):
         detect_format(["instruction", "output", "response"], "auto", "x")
@@ -154,7 +156,7 @@ def good(fmt):
 MALFORMED = [
     ("alpaca", {"instruction": "x"}, "output", "missing field"),
     ("alpaca", {"instruction": "x", "input": "", "output": "  "}, "output", "empty string"),
-    ("messages", {"messages": [user("Hi"), bot("Hello"), user("again?")]}, "messages", "last message must be an assistant"),
+    ("messages", {"messages": [user("Hi"), bot("Hello"), user("again?")]}, "messages", "last message must be"),
     ("messages", {"messages": [user("Hi"), {"role": "robot", "content": "x"}]}, "messages[1].role", "unknown role"),
     ("messages", {"messages": [user("Hi"), bot("")]}, "messages[1].content", "empty completion"),
     ("sharegpt", {"conversations": [{"from": "human", "value": "Hi"}]}, "conversations", "last message"),
@@ -238,8 +240,11 @@ def test_validation_split_deterministic_disjoint_and_sized(tmp_path):
     train, val = prompt_texts(split["train"]), prompt_texts(split["validation"])
     assert (len(train), len(val)) == (180, 20)
     assert not set(train) & set(val) and len(set(train) | set(val)) == 200
-    assert prompt_texts(load_sft_splits(DataArguments(dataset_name=path, validation_size=0.1), seed=3)["validation"]) == val
-    assert prompt_texts(load_sft_splits(DataArguments(dataset_name=path, validation_size=0.1), seed=4)["validation"]) != val
+    def validation(seed):
+        args = DataArguments(dataset_name=path, validation_size=0.1)
+        return prompt_texts(load_sft_splits(args, seed=seed)["validation"])
+
+    assert validation(3) == val and validation(4) != val
     assert len(load_sft_splits(DataArguments(dataset_name=path, validation_size=7))["validation"]) == 7
     with pytest.raises(DataFormatError, match="validation_size=200 leaves no training rows out of 200"):
         load_sft_splits(DataArguments(dataset_name=path, validation_size=200))

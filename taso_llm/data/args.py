@@ -48,11 +48,13 @@ class DataArguments:
         if self.max_length_policy not in LENGTH_POLICIES:
             raise ValueError(f"DataArguments.max_length_policy: expected one of {LENGTH_POLICIES}, got "
                              f"{self.max_length_policy!r}")
-        if self.validation_size < 0 or (self.validation_size >= 1 and self.validation_size != int(self.validation_size)):
+        size = self.validation_size
+        if size < 0 or (size >= 1 and size != int(size)):
             raise ValueError(f"DataArguments.validation_size: expected a fraction in [0, 1) or a whole row count, "
                              f"got {self.validation_size!r}")
         if self.max_train_samples is not None and self.max_train_samples < 1:
-            raise ValueError(f"DataArguments.max_train_samples: expected a positive count, got {self.max_train_samples}")
+            raise ValueError(f"DataArguments.max_train_samples: expected a positive count, "
+                             f"got {self.max_train_samples}")
         if isinstance(self.dataset_mixture, str):
             try:
                 self.dataset_mixture = json.loads(self.dataset_mixture)
