@@ -29,8 +29,9 @@ def test_syntax_error_is_an_error():
     assert run_tests("def add(a, b) return a", TESTS).status == "error"
 
 
-def test_exit_before_tests_is_not_a_pass():
-    result = run_tests("import sys\nsys.exit(0)\n" + SOLUTION, "assert False\n")
+@pytest.mark.parametrize("exit_stmt", ["import sys\nsys.exit(0)\n", "import os\nos._exit(0)\n"])
+def test_exit_before_tests_is_not_a_pass(exit_stmt):
+    result = run_tests(exit_stmt + SOLUTION, "assert False\n")
     assert not result.passed and result.status == "error"
 
 
