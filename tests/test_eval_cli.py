@@ -1,0 +1,50 @@
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "evaluate.py"
+
+
+@pytest.fixture(scope="module")
+def cli():
+    spec = importlib.util.spec_from_file_location("evaluate_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_math_with_fewshot(cli, tmp_path):
+    out = tmp_path / "math.json"
+    result = cli.main(["--task", "math", "--limit", "2", "--max_new_tokens", "4", "--num_fewshot", "1",
+                       "--output", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["task"] == "math" and saved["metrics"]["n"] == 2 and saved["metrics"]["num_fewshot"] == 1
+    assert saved["metrics"] == result["metrics"]
+
+
+def test_cli_peft_adapter_changes_the_model(cli, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from taso_llm.tiny import tiny_model_path
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path())
+    # init_lora_weights=False: a non-zero update, so the adapter visibly changes the loss
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    args = ["--task", "instruct", "--limit", "2"]
+    plain = cli.main(args + ["--output", str(tmp_path / "plain.json")])
+    adapted = cli.main(args + ["--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "adapted.json")])
+    assert adapted["metrics"]["n_tokens"] == plain["metrics"]["n_tokens"]
+    assert adapted["metrics"]["loss"] != pytest.approx(plain["metrics"]["loss"], abs=1e-6)
+
+
+def test_cli_errors(cli, tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        cli.main(["--task", "instruct", "--limit", "1", "--adapter", str(tmp_path), "--output",
+                  str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit):
+        cli.main(["--task", "code", "--num_fewshot", "2"])
