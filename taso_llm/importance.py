@@ -12,7 +12,11 @@ Chosen reading (methods.md: not public): |W ⊙ G_b| is taken per calibration ba
 needs a full-size accumulator per matrix.
 
 Nothing distributed happens here: callers pass the batches this process should score and reduce the returned
-statistics themselves (see distributed.py).
+statistics themselves (see distributed.py). For that, a batch may carry its global index (`BATCH_INDEX`) and a
+`COUNTED` flag: an uncounted batch still runs forward/backward and reads every weight (so ranks issue the same
+collectives under ZeRO-3/FSDP) but adds nothing. `per_batch=True` keeps the rowcol statistics of each batch apart,
+keyed by global index, so an owner can later sum every rank's batches in global order with `ordered_sum`, the same
+accumulation this module uses on one process: the sums are then bitwise equal for any world size.
 """
 
 from __future__ import annotations
@@ -28,6 +32,20 @@ from tqdm.auto import tqdm
 
 from .targets import dense_weight, layer_shape
 
+BATCH_INDEX = "taso_batch_index"  # global calibration batch index (calibration.py sets it)
+COUNTED = "taso_counted"  # False on a padding batch that only keeps ranks in step
+
+
+def ordered_sum(parts: Iterable[torch.Tensor], into: torch.Tensor | None = None) -> torch.Tensor:
+    """Left-to-right sum ((into + p0) + p1) + ...; THE accumulation order of every importance sum.
+
+    Streaming (one process) and gathered (distributed owner) sums both go through here, so the same per-batch
+    parts in the same order give bitwise-equal results. `into` is updated in place.
+    """
+    for part in parts:
+        into = part.clone() if into is None else into.add_(part)
+    return into
+
 
 @dataclass
 class LayerStats:
@@ -37,6 +55,8 @@ class LayerStats:
     full: torch.Tensor | None = None  # (d_out, d_in) float32: |W⊙G| summed, or ΣG when abs is deferred
     batches: int = 0
     meta: dict = field(default_factory=dict)
+    per_batch: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # global batch index -> (row, col)
+    abs_deferred: bool = False  # full holds ΣG; finalize_stats applies |W ⊙ ΣG|
 
 
 @dataclass
@@ -51,13 +71,16 @@ class _Collector:
     """Hooks on one linear layer: keeps its input from the forward pass, scores it when the output grad arrives."""
 
     def __init__(self, module: nn.Module, keep: str, abs_per_batch: bool,
-                 weight_fn: Callable[[nn.Module], torch.Tensor]):
+                 weight_fn: Callable[[nn.Module], torch.Tensor], per_batch: bool = False):
         self.module, self.keep, self.abs_per_batch, self.weight_fn = module, keep, abs_per_batch, weight_fn
         d_out, d_in = layer_shape(module)
-        self.stats = LayerStats(shape=(d_out, d_in))
+        self.stats = LayerStats(shape=(d_out, d_in), abs_deferred=not abs_per_batch)
         if keep == "rowcol" and abs_per_batch:
             self.stats.row = torch.zeros(d_out, dtype=torch.float64)
             self.stats.col = torch.zeros(d_in, dtype=torch.float64)
+            if per_batch:
+                self.stats.per_batch = {}
+        self.batch_index, self.counted = 0, True  # set by estimate_importance before each batch
         self.handle = module.register_forward_hook(self._on_forward)
 
     def _on_forward(self, module, args, output):
@@ -69,33 +92,51 @@ class _Collector:
     @torch.no_grad()
     def _on_grad(self, x: torch.Tensor, g: torch.Tensor) -> None:
         d_out, d_in = self.stats.shape
+        # Read the weight first, even for a padding batch: under ZeRO-3/FSDP this is a collective every rank makes.
+        weight = self.weight_fn(self.module) if self.abs_per_batch else None
+        if not self.counted:
+            return
         grad_w = g.reshape(-1, d_out).float().T @ x.reshape(-1, d_in).float()  # G = gᵀx, freed on return
         if not self.abs_per_batch:
             self._accumulate_full(grad_w)
             return
-        saliency = (self.weight_fn(self.module).float() * grad_w).abs_()
+        saliency = (weight.float() * grad_w).abs_()
+        del weight
         if self.keep == "full":
             self._accumulate_full(saliency)
-        else:
-            self.stats.row += saliency.sum(dim=1, dtype=torch.float64).cpu()
-            self.stats.col += saliency.sum(dim=0, dtype=torch.float64).cpu()
+            return
+        row = saliency.sum(dim=1, dtype=torch.float64).cpu()
+        col = saliency.sum(dim=0, dtype=torch.float64).cpu()
+        if self.stats.per_batch is not None:
+            self.stats.per_batch[self.batch_index] = (row, col)
+        ordered_sum([row], into=self.stats.row)
+        ordered_sum([col], into=self.stats.col)
 
     def _accumulate_full(self, value: torch.Tensor) -> None:
-        value = value.cpu()
-        self.stats.full = value if self.stats.full is None else self.stats.full.add_(value)
+        self.stats.full = ordered_sum([value.cpu()], into=self.stats.full)
 
-    def finish(self) -> LayerStats:
-        """Resolve deferred |·| and derive row/col sums from full matrices, so every result has row and col."""
+    def finish(self, finalize: bool) -> LayerStats:
         self.handle.remove()
-        s = self.stats
-        if not self.abs_per_batch and s.full is not None:
-            s.full = (dense_weight(self.module).float().cpu() * s.full).abs_()
-        if s.full is not None:
-            s.row = s.full.sum(dim=1, dtype=torch.float64)
-            s.col = s.full.sum(dim=0, dtype=torch.float64)
-        if s.row is None:  # no batch reached this layer
-            s.row, s.col = torch.zeros(s.shape[0], dtype=torch.float64), torch.zeros(s.shape[1], dtype=torch.float64)
-        return s
+        if finalize:
+            finalize_stats(self.stats, lambda: self.weight_fn(self.module) if self.stats.abs_deferred else None)
+        return self.stats
+
+
+def finalize_stats(s: LayerStats, weight: Callable[[], torch.Tensor | None]) -> LayerStats:
+    """Resolve deferred |·| and derive row/col sums from full matrices, so every result has row and col.
+
+    `weight()` gives the full weight when |W ⊙ ΣG| is still to be taken (distributed owners call this after the
+    reduction, since |·| of a sum is not the sum of per-rank |·|).
+    """
+    if s.abs_deferred and s.full is not None:
+        s.full = (weight().float().cpu() * s.full).abs_()
+    s.abs_deferred = False
+    if s.full is not None:
+        s.row = s.full.sum(dim=1, dtype=torch.float64)
+        s.col = s.full.sum(dim=0, dtype=torch.float64)
+    if s.row is None:  # no batch reached this layer
+        s.row, s.col = torch.zeros(s.shape[0], dtype=torch.float64), torch.zeros(s.shape[1], dtype=torch.float64)
+    return s
 
 
 @contextmanager
@@ -110,8 +151,13 @@ def _activations_require_grad(model: nn.Module):
 
 @contextmanager
 def _scoring_mode(model: nn.Module):
-    """Eval mode (no dropout) and no gradient checkpointing (its recompute would fire the hooks twice)."""
+    """Eval mode (no dropout), no gradient checkpointing (its recompute would fire the hooks twice), and every
+    parameter frozen, so backward computes activation gradients only and never fills (or, under ZeRO-3, tries to
+    partition) a weight's .grad. The hooks need nothing else; requires_grad is restored afterwards."""
     was_training = model.training
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
     flag = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else \
         "is_gradient_checkpointing"
     checkpointing = getattr(model, flag, False)
@@ -121,6 +167,8 @@ def _scoring_mode(model: nn.Module):
     try:
         yield
     finally:
+        for p in trainable:
+            p.requires_grad_(True)
         model.train(was_training)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
@@ -139,30 +187,38 @@ def estimate_importance(
     weight_fn: Callable[[nn.Module], torch.Tensor] = dense_weight,
     num_batches: int | None = None,
     show_progress: bool = True,
+    per_batch: bool = False,
+    finalize: bool = True,
 ) -> ImportanceResult:
     """Score `targets` on `batches` (dicts with input_ids, attention_mask, labels; labels -100 outside completions).
 
     `weight_fn` reads a layer's full weight when it is scored; the distributed path passes one that gathers a
-    ZeRO-3 / FSDP shard just for that moment.
+    ZeRO-3 / FSDP shard just for that moment. `per_batch` keeps rowcol statistics per global batch index;
+    `finalize=False` leaves deferred |·| and full → row/col to the caller (after a cross-rank reduction).
+    `batches` and `tokens` in the result count only counted batches.
     """
     if keep not in ("rowcol", "full"):
         raise ValueError(f"importance keep={keep!r}: expected 'rowcol' or 'full'")
     device = next(model.parameters()).device
-    collectors = {name: _Collector(m, keep, abs_per_batch, weight_fn) for name, m in targets.items()}
+    collectors = {name: _Collector(m, keep, abs_per_batch, weight_fn, per_batch) for name, m in targets.items()}
     n_batches = n_tokens = 0
     start = time.perf_counter()
     try:
         with _scoring_mode(model), _activations_require_grad(model):
-            for batch in tqdm(batches, total=num_batches, desc="importance", disable=not show_progress,
-                              unit="batch"):
+            for i, batch in enumerate(tqdm(batches, total=num_batches, desc="importance", disable=not show_progress,
+                                           unit="batch")):
+                index, counted = int(batch.get(BATCH_INDEX, i)), bool(batch.get(COUNTED, True))
+                for c in collectors.values():
+                    c.batch_index, c.counted = index, counted
                 batch = _to_device(batch, device)
                 loss = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                              labels=batch["labels"]).loss
                 loss.backward()
-                n_batches += 1
-                n_tokens += int((batch["labels"] != -100).sum())
+                if counted:
+                    n_batches += 1
+                    n_tokens += int((batch["labels"] != -100).sum())
     finally:
-        stats = {name: c.finish() for name, c in collectors.items()}
+        stats = {name: c.finish(finalize) for name, c in collectors.items()}
     for s in stats.values():
         s.batches = n_batches
     return ImportanceResult(stats=stats, batches=n_batches, tokens=n_tokens, seconds=time.perf_counter() - start)

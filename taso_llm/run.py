@@ -74,7 +74,7 @@ def run_sft(data_args: DataArguments, taso_args: TasoArguments, training_args, m
                                         taso_args.calibration_batch_size)
     calibration = lambda: calibration_batches(  # noqa: E731 (read lazily: skipped when masks are reused)
         trainer.train_dataset, trainer.data_collator, taso_args.calibration_samples,
-        taso_args.calibration_batch_size)
+        taso_args.calibration_batch_size, rank=state.process_index, world_size=state.num_processes)
     report = method.prepare(trainer.model, taso_args, calibration, n_batches, training_args.output_dir, model_id,
                             is_main=state.is_main_process)
     base_lr = training_args.learning_rate

@@ -1,7 +1,10 @@
 """TASO: estimate task importance, choose core regions under the budget, attach sparse updates.
 
 Stages (each its own module): importance.py → regions.py → masks.py → adapters/. This file only glues them and
-reports what was chosen. Distributed runs pass `reduce_stats` (distributed.py) to combine per-rank statistics.
+reports what was chosen. With more than one process (torch.distributed initialized, world size > 1) the distributed
+path is the normal one: each rank scores its share of the calibration batches (the `calibration` callable must yield
+this rank's batches, calibration.py), owners reduce and choose, masks are all-gathered (distributed.py). Every rank
+returns the same regions; only `is_main` writes the masks file.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Callable, Iterable
 from ..adapters import attach_updates
 from ..adapters_io import save_adapter
 from ..config import TasoArguments, lr_multiplier, validate_taso_args
+from .. import distributed
 from ..importance import estimate_importance
 from ..masks import check_masks_fit, load_masks, save_masks
 from ..regions import choose_region, lora_params, mass_shares, parse_budget
@@ -27,6 +31,7 @@ def validate(args: TasoArguments, shapes: dict[str, tuple[int, int]]) -> None:
 
 
 def choose_regions(stats: dict, args: TasoArguments) -> dict:
+    """Regions of the matrices in `stats`: all of them on one process, the owned ones on a distributed rank."""
     return {name: choose_region(s.row, s.col, s.shape, args.structure, parse_budget(args.budget, s.shape),
                                 rank=args.adapter_rank, full=s.full)
             for name, s in stats.items()}
@@ -42,29 +47,65 @@ def _captured_share(stats, region) -> float:
     return float(stats.row[region.rows].sum() / row_total * stats.col[region.cols].sum() / col_total)
 
 
+def _layer_info(stats, region) -> dict:
+    return {"captured_share": _captured_share(stats, region),
+            "top_rows_share": float(mass_shares(stats.row)[1][len(region.rows) - 1])}
+
+
+def select_regions(model, targets: dict, args: TasoArguments, batches: Iterable[dict], num_batches: int | None,
+                   weight_fn: Callable = distributed.gathered_weight, show_progress: bool = True,
+                   keep_stats: bool = False) -> tuple[dict, dict, dict]:
+    """Importance → regions, on one process or many. Returns (regions, per-layer info, report).
+
+    Every rank gets all regions. With `keep_stats` the report carries the reduced statistics ("stats": those of
+    all matrices on one process, of the owned matrices on a distributed rank), for tests and benchmarks."""
+    rank, world = distributed.rank_and_world()
+    keep = "full" if args.needs_full_importance() else "rowcol"
+    with distributed.zero3_forward(model):
+        result = estimate_importance(model, targets, batches, keep=keep,
+                                     abs_per_batch=args.importance_abs == "per_batch", weight_fn=weight_fn,
+                                     num_batches=num_batches, show_progress=show_progress and rank == 0,
+                                     per_batch=world > 1 and keep == "rowcol", finalize=world == 1)
+        if world == 1:
+            stats = result.stats
+        else:  # the weight gathers of after_sum finalization need the ZeRO-3 hooks' context too
+            owners = distributed.assign_owners({n: s.shape for n, s in result.stats.items()}, world)
+            stats = distributed.reduce_to_owners(result.stats, owners, targets, weight_fn)
+    report = {"importance_seconds": result.seconds, "importance_batches": result.batches,
+              "importance_tokens": result.tokens, "importance_world_size": world}
+    regions = choose_regions(stats, args)
+    info = {name: _layer_info(stats[name], r) for name, r in regions.items()}
+    if world > 1:
+        shapes = {name: s.shape for name, s in result.stats.items()}
+        regions = distributed.share_regions(regions, owners, shapes, args.structure)
+        info = distributed.share_object(info, owners)
+        report["importance_batches"], report["importance_tokens"] = distributed.all_reduce_sum(
+            [result.batches, result.tokens])
+    if keep_stats:
+        report["stats"] = stats
+    return regions, info, report
+
+
 def prepare(model, args: TasoArguments, calibration: Callable[[], Iterable[dict]], num_batches: int,
             output_dir: str | Path, model_id: str, is_main: bool = True,
-            reduce_stats: Callable | None = None, weight_fn=None, show_progress: bool = True) -> dict:
-    """Select the adapter's structure and attach it to `model` in place. Returns the report for metrics.json."""
+            weight_fn: Callable = distributed.gathered_weight, show_progress: bool = True) -> dict:
+    """Select the adapter's structure and attach it to `model` in place. Returns the report for metrics.json.
+
+    `calibration()` yields this rank's calibration batches; `num_batches` is only for the progress bar."""
     targets = find_targets(model, args.target_modules)
     shapes = {name: layer_shape(m) for name, m in targets.items()}
     masks_file = Path(output_dir) / MASKS_FILE
     report: dict = {"importance_seconds": 0.0, "importance_batches": 0, "importance_tokens": 0}
-    stats = None
+    info: dict = {}
     if args.masks_path:
         regions, header = load_masks(args.masks_path)
         check_masks_fit(regions, shapes, args.masks_path)
         report["masks_reused_from"] = str(args.masks_path)
         log.info("reusing masks from %s (model %s)", args.masks_path, header.get("model"))
     else:
-        kwargs = {"weight_fn": weight_fn} if weight_fn is not None else {}
-        result = estimate_importance(model, targets, calibration(), keep="full" if args.needs_full_importance()
-                                     else "rowcol", abs_per_batch=args.importance_abs == "per_batch",
-                                     num_batches=num_batches, show_progress=show_progress, **kwargs)
-        stats = reduce_stats(result.stats) if reduce_stats is not None else result.stats
-        regions = choose_regions(stats, args)
-        report.update(importance_seconds=result.seconds, importance_batches=result.batches,
-                      importance_tokens=result.tokens)
+        regions, info, selected = select_regions(model, targets, args, calibration(), num_batches, weight_fn,
+                                                 show_progress)
+        report.update(selected)
     if is_main:
         save_masks(masks_file, regions, model_id, extra={"budget": args.budget, "structure": args.structure,
                                                         "adapter_rank": args.adapter_rank,
@@ -76,9 +117,7 @@ def prepare(model, args: TasoArguments, calibration: Callable[[], Iterable[dict]
         masks_file=str(masks_file), trainable_params=trainable, lora_r1_params=lora1,
         trainable_vs_lora_r1=trainable / lora1, lr_multiplier=lr_multiplier(args.lr_scaling, regions),
         layers={name: {"shape": list(r.shape), "rows": len(r.rows), "cols": len(r.cols), "params": r.num_params(),
-                       **({"captured_share": _captured_share(stats[name], r),
-                           "top_rows_share": float(mass_shares(stats[name].row)[1][len(r.rows) - 1])}
-                          if stats is not None else {})}
+                       **info.get(name, {})}
                 for name, r in regions.items()},
     )
     log.info("TASO: %d trainable params on %d matrices (rank-1 LoRA on the same modules: %d, ratio %.3f); "
