@@ -48,3 +48,27 @@ def test_cli_errors(cli, tmp_path):
                   str(tmp_path / "x.json")])
     with pytest.raises(SystemExit):
         cli.main(["--task", "code", "--num_fewshot", "2"])
+
+
+def test_cli_taso_adapter_changes_the_model(cli, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from taso_llm.adapters import attach_updates, iter_adapters
+    from taso_llm.adapters_io import save_adapter
+    from taso_llm.regions import Region
+    from taso_llm.tiny import tiny_model_path
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path())
+    region = Region("dense_block", (64, 64), torch.arange(16), torch.arange(16))
+    attach_updates(model, {"model.layers.0.self_attn.q_proj": region})
+    with torch.no_grad():
+        for _, wrapper in iter_adapters(model):
+            for p in wrapper.update.parameters():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    save_adapter(model, tmp_path / "adapter", base_model="taso-tiny", alpha=1.0)
+
+    args = ["--task", "instruct", "--limit", "2"]
+    plain = cli.main(args + ["--output", str(tmp_path / "plain.json")])
+    adapted = cli.main(args + ["--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "adapted.json")])
+    assert adapted["metrics"]["loss"] != pytest.approx(plain["metrics"]["loss"], abs=1e-6)
