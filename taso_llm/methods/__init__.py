@@ -9,6 +9,8 @@ from importlib import import_module
 
 METHODS = {
     "taso": "taso_llm.methods.taso",
+    "lora": "taso_llm.methods.lora",  # QLoRA: this with load_in_4bit
+    "full": "taso_llm.methods.full",
 }
 
 
