@@ -59,7 +59,7 @@ def run_sft(data_args: DataArguments, taso_args: TasoArguments, training_args, m
 
     # Cheap checks first: names and shapes from a weightless copy, then data validation.
     shapes = target_shapes(model_path, taso_args.target_modules, model_args.model_revision)
-    method.validate(taso_args, shapes)
+    method.validate(taso_args, shapes, model_args)
     splits = load_sft_splits(data_args, seed=training_args.seed)
 
     model, tokenizer = load_model_and_tokenizer(model_args)
@@ -76,13 +76,16 @@ def run_sft(data_args: DataArguments, taso_args: TasoArguments, training_args, m
         trainer.train_dataset, trainer.data_collator, taso_args.calibration_samples,
         taso_args.calibration_batch_size, rank=state.process_index, world_size=state.num_processes)
     report = method.prepare(trainer.model, taso_args, calibration, n_batches, training_args.output_dir, model_id,
-                            is_main=state.is_main_process)
+                            is_main=state.is_main_process, model_args=model_args)
     base_lr = training_args.learning_rate
     trainer.args.learning_rate = base_lr * report.get("lr_multiplier", 1.0)
 
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     out = Path(training_args.output_dir)
-    method.save(trainer.model, out, taso_args, model_id)
+    if hasattr(method, "save"):  # TASO writes its own adapter format (+ masks); baselines save as the Trainer does
+        method.save(trainer.model, out, taso_args, model_id)
+    else:
+        trainer.save_model(str(out))
     metrics = {"method": taso_args.method, "model": model_id,
                **_metrics(report, result, metrics_cb, trainer, base_lr, length_stats, len(train_ds))}
     if state.is_main_process:
