@@ -15,14 +15,20 @@ from torch import nn
 from ..regions import Region
 
 
+def _register_indices(update: nn.Module, region: Region, device) -> None:
+    """Core rows/cols as buffers: they move with .to() and land in state_dict, but are never trained."""
+    update.shape = region.shape
+    update.register_buffer("rows", region.rows.to(device=device, dtype=torch.long))
+    update.register_buffer("cols", region.cols.to(device=device, dtype=torch.long))
+
+
 class LoraBlockUpdate(nn.Module):
     """ΔW[R, C] = (alpha / r) · B A, with A: r × |C| (random init) and B: |R| × r (zero init)."""
 
     def __init__(self, region: Region, alpha: float, dtype: torch.dtype, device=None):
         super().__init__()
-        self.shape, self.rank, self.alpha = region.shape, region.rank, float(alpha)
-        self.register_buffer("rows", region.rows.to(device=device, dtype=torch.long))
-        self.register_buffer("cols", region.cols.to(device=device, dtype=torch.long))
+        self.rank, self.alpha = region.rank, float(alpha)
+        _register_indices(self, region, device)
         self.lora_A = nn.Parameter(torch.empty(self.rank, len(region.cols), dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(len(region.rows), self.rank, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT's LoRA A
@@ -51,9 +57,7 @@ class DenseBlockUpdate(nn.Module):
 
     def __init__(self, region: Region, alpha: float, dtype: torch.dtype, device=None):
         super().__init__()
-        self.shape = region.shape
-        self.register_buffer("rows", region.rows.to(device=device, dtype=torch.long))
-        self.register_buffer("cols", region.cols.to(device=device, dtype=torch.long))
+        _register_indices(self, region, device)
         self.delta = nn.Parameter(torch.zeros(len(region.rows), len(region.cols), dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,9 +81,7 @@ class EntriesUpdate(nn.Module):
 
     def __init__(self, region: Region, alpha: float, dtype: torch.dtype, device=None):
         super().__init__()
-        self.shape = region.shape
-        self.register_buffer("rows", region.rows.to(device=device, dtype=torch.long))
-        self.register_buffer("cols", region.cols.to(device=device, dtype=torch.long))
+        _register_indices(self, region, device)
         self.values = nn.Parameter(torch.zeros(len(region.rows), dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
