@@ -12,6 +12,7 @@ from trl import ModelConfig, SFTConfig, TrlParser
 
 from taso_llm.config import TasoArguments
 from taso_llm.data import DataArguments
+from taso_llm.loading import configured_state_defaults, init_distributed
 from taso_llm.run import run_sft
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny" / "instruct_taso.yaml"
@@ -20,7 +21,9 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny" / "instruct_taso.yam
 def main():
     if "--config" not in sys.argv:  # no config: the embedded default
         sys.argv[1:1] = ["--config", str(DEFAULT_CONFIG)]
+    init_distributed()  # before the training arguments: on CPU they would set up a miscounting process group
     parser = TrlParser((DataArguments, TasoArguments, SFTConfig, ModelConfig))
+    parser.set_defaults(**configured_state_defaults())
     data_args, taso_args, training_args, model_args = parser.parse_args_and_config()
     run_sft(data_args, taso_args, training_args, model_args)
 

@@ -7,6 +7,7 @@ wrapped model when a run resumes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import sys
@@ -58,6 +59,44 @@ class MetricsCallback(TrainerCallback):
         self.seconds = time.perf_counter() - self.start
 
 
+def engine_info(trainer) -> dict:
+    """Which engine really ran (accelerate silently falls back to plain DDP in some setups): for metrics.json."""
+    acc = trainer.accelerator
+    info = {"distributed_type": str(acc.distributed_type).rsplit(".", 1)[-1], "world_size": acc.num_processes}
+    if trainer.is_deepspeed_enabled:
+        info["zero_stage"] = acc.state.deepspeed_plugin.zero_stage
+    return info
+
+
+def gathered_adapter_state(model) -> dict:
+    """Every adapter tensor, whole, keyed as in `model.state_dict()`. Collective: all ranks must call it.
+
+    Only the adapter is gathered (a few MB), never the frozen base: ZeRO-3 partitions are assembled with
+    GatheredParameters, FSDP2 DTensors with full_tensor(); plain tensors (DDP, ZeRO-2, one process) pass through.
+    """
+    from torch.distributed.tensor import DTensor
+
+    adapters = list(iter_adapters(model))
+    params = [p for _, w in adapters for p in w.update.parameters()]
+    gather = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    out = {}
+    with gather:
+        for name, wrapper in adapters:
+            for key, t in wrapper.update.state_dict().items():
+                t = t.full_tensor() if isinstance(t, DTensor) else t
+                out[f"{name}.update.{key}"] = t.detach().cpu().clone()
+    return out
+
+
+def final_adapter_state(model) -> dict:
+    """The adapter as `save_adapter` writes it (`<module>.<tensor>`), gathered from any sharding. Collective."""
+    return _adapter_entries(gathered_adapter_state(model), [n for n, _ in iter_adapters(model)])
+
+
 def _adapter_entries(state_dict: dict, names: list[str]) -> dict:
     """From a full (possibly gathered) model state dict, the adapter tensors keyed `<module>.<tensor>`."""
     out = {}
@@ -79,6 +118,14 @@ class TasoSFTTrainer(SFTTrainer):
 
     def _has_adapters(self) -> bool:
         return any(True for _ in iter_adapters(self.accelerator.unwrap_model(self.model)))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Gather only the adapter (not the Trainer's consolidated full model, which ZeRO-3 would build on every
+        checkpoint) and write it from the main process."""
+        if not self._has_adapters():
+            return super().save_model(output_dir, _internal_call)
+        state = gathered_adapter_state(self.accelerator.unwrap_model(self.model))
+        self._save(output_dir, state_dict=state)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self._has_adapters():
@@ -111,12 +158,27 @@ class TasoSFTTrainer(SFTTrainer):
         log.info("resumed adapter values from %s", resume_from_checkpoint)
 
 
+def _zero3_settings(model, training_args) -> None:
+    """Under ZeRO-3 every weight is frozen and partitioned: non-reentrant checkpointing's recompute then disagrees
+    with the gathered parameters, and with no trainable input nothing inside a checkpointed block would get a
+    gradient. Reentrant checkpointing plus embedding outputs that require grad is the combination that works."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return
+    if training_args.gradient_checkpointing:
+        training_args.gradient_checkpointing_kwargs = {**(training_args.gradient_checkpointing_kwargs or {}),
+                                                       "use_reentrant": True}
+    model.enable_input_require_grads()
+
+
 def build_trainer(model, tokenizer, train_dataset, eval_dataset, training_args, base_model_id: str,
                   adapter_alpha: float = 1.0, callbacks=None) -> TasoSFTTrainer:
     if getattr(model, "is_quantized", False):
         # transformers refuses a quantized model without adapters; ours are attached after importance,
         # before the optimizer exists, so declare them now.
         model._hf_peft_config_loaded = True
+    _zero3_settings(model, training_args)
     return TasoSFTTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                           processing_class=tokenizer, callbacks=callbacks, base_model_id=base_model_id,
                           adapter_alpha=adapter_alpha)
