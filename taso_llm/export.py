@@ -5,6 +5,7 @@ Both run once, offline, and are the only places that build a dense ΔW.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -80,3 +81,38 @@ def export_peft_lora(model: nn.Module, output_dir: str | Path, base_model: str) 
     as_json = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
     write_json(output_dir / "adapter_config.json", as_json)
     return {"r": rank, "modules": len(factors)}
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when this rank holds only part of the weights (ZeRO-3 partitions or FSDP2 DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(hasattr(p, "ds_id") or isinstance(p, DTensor) for p in model.parameters())
+
+
+def standalone_model(model: nn.Module, adapter_dir: str | Path, model_args) -> nn.Module:
+    """A model merge/export can read whole on one process: `model` itself unless it is sharded, else a fresh
+    copy of the base on CPU (4-bit again if it was) with the adapter just written to `adapter_dir` loaded onto it.
+    Call on the main process only, after the adapter was saved."""
+    if not is_sharded(model):
+        return model
+    from .adapters_io import load_adapter
+    from .loading import load_model_and_tokenizer
+
+    log.info("the trained model is sharded: merging/exporting from a CPU copy of the base + %s", adapter_dir)
+    with _no_zero_init():
+        base, _ = load_model_and_tokenizer(model_args, device_map="cpu")
+    return load_adapter(base, adapter_dir)
+
+
+@contextlib.contextmanager
+def _no_zero_init():
+    """Under ZeRO-3 from_pretrained would partition the copy again (zero.Init); this copy must be whole."""
+    import transformers.integrations.deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved

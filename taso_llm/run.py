@@ -15,13 +15,14 @@ from accelerate import PartialState
 from .calibration import calibration_batches, num_calibration_batches
 from .config import TasoArguments
 from .data import DataArguments, apply_length_policy, load_sft_splits
+from .export import standalone_model
 from .io import write_json
 from .loading import load_model_and_tokenizer, target_shapes
 from .methods import get_method
 from .methods.taso import MASKS_FILE
 from .plots import plot_run
 from .tiny import resolve_model_path
-from .train import MetricsCallback, build_trainer, peak_memory_bytes
+from .train import MetricsCallback, build_trainer, engine_info, final_adapter_state, peak_memory_bytes
 
 log = logging.getLogger("taso_llm")
 
@@ -83,15 +84,18 @@ def run_sft(data_args: DataArguments, taso_args: TasoArguments, training_args, m
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     out = Path(training_args.output_dir)
     if hasattr(method, "save"):  # TASO writes its own adapter format (+ masks); baselines save as the Trainer does
-        method.save(trainer.model, out, taso_args, model_id)
+        adapter = final_adapter_state(trainer.accelerator.unwrap_model(trainer.model))  # collective: all ranks
+        if state.is_main_process:
+            method.save(trainer.model, out, taso_args, model_id, state=adapter)
     else:
         trainer.save_model(str(out))
-    metrics = {"method": taso_args.method, "model": model_id,
+    metrics = {"method": taso_args.method, "model": model_id, **engine_info(trainer),
                **_metrics(report, result, metrics_cb, trainer, base_lr, length_stats, len(train_ds))}
+    if eval_ds is not None:  # every rank: evaluation gathers losses across ranks
+        metrics["eval_loss"] = trainer.evaluate().get("eval_loss")
     if state.is_main_process:
-        if eval_ds is not None:
-            metrics["eval_loss"] = trainer.evaluate().get("eval_loss")
-        _extra_outputs(trainer.model, taso_args, out, model_id, tokenizer, metrics)
+        _extra_outputs(standalone_model(trainer.model, out, model_args) if hasattr(method, "save")
+                       else trainer.model, taso_args, out, model_id, tokenizer, metrics)
         write_json(out / "metrics.json", metrics)
         plot_run(metrics, out / "training.png")
         log.info("wrote %s (adapter, masks, metrics.json, training.png)", out)
