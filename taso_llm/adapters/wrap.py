@@ -42,6 +42,15 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def _adapter_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype the base computes in: a 4-bit layer's compute dtype (its weight dtype is only the storage dtype),
+    else the weight's dtype, which a ZeRO-3 partition keeps even when its data is empty on this rank."""
+    if getattr(base.weight, "quant_state", None) is not None or hasattr(base, "compute_dtype"):
+        return getattr(base, "compute_dtype", None) or torch.float32
+    dtype = base.weight.dtype
+    return dtype if dtype.is_floating_point else torch.float32
+
+
 def attach_updates(model: nn.Module, regions: dict[str, Region], alpha: float = 1.0,
                    dtype: torch.dtype | None = None, device=None) -> dict[str, SparseAdapterLinear]:
     """Wrap each named linear layer with the update its region's structure names. Base weights are frozen."""
@@ -56,7 +65,7 @@ def attach_updates(model: nn.Module, regions: dict[str, Region], alpha: float = 
             raise ValueError(f"mask for {name} has shape {tuple(region.shape)} but the layer is "
                              f"{(base.out_features, base.in_features)}")
         ref = base.weight
-        update_dtype = dtype or (ref.dtype if ref.dtype.is_floating_point else torch.float32)
+        update_dtype = dtype or _adapter_dtype(base)
         update = UPDATES[region.structure](region, alpha=alpha, dtype=update_dtype,
                                            device=device if device is not None else ref.device)
         wrapped[name] = SparseAdapterLinear(base, update)
