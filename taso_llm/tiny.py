@@ -140,5 +140,11 @@ def tiny_model_path(seed: int = 0, **overrides) -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Map the `taso-tiny` alias to its local directory; anything else (hub id or path) passes through."""
+    """Map the `taso-tiny` alias to its local directory; anything else (hub id or path) passes through.
+
+    `taso-proxy` is the pretrained proxy of the method comparison (taso_llm/proxy.py); it must have been built."""
+    if name_or_path == "taso-proxy":
+        from .proxy import cached_proxy_path  # lazy: proxy imports this module
+
+        return str(cached_proxy_path())
     return str(tiny_model_path()) if name_or_path == TINY_MODEL_ID else name_or_path
