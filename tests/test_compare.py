@@ -1,0 +1,134 @@
+"""The comparison runner: config errors name the field, the table agrees with results.json, runs resume."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from taso_llm.compare import CompareConfigError, load_compare_config, parse_compare_config, run_comparison
+from taso_llm.compare.report import COLUMNS, build_results, report_markdown
+from taso_llm.compare.runs import Run
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "configs" / "compare" / "tiny.yaml"
+HEADERS = ["task", "method", "lr"] + [title for _, title, _ in COLUMNS]
+
+
+def tiny_values() -> dict:
+    return yaml.safe_load(TINY.read_text())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda v: v["methods"]["taso"].update(lr_grid=[]), "methods.taso.lr_grid"),
+    (lambda v: v["methods"]["taso"].update(lr_grid=["fast"]), "methods.taso.lr_grid"),
+    (lambda v: v["methods"]["taso"].update(rank=4), r"methods.taso: unknown field\(s\) \['rank'\]"),
+    (lambda v: v["tasks"].update(poetry=v["tasks"]["math"]), "tasks.poetry: unknown task"),
+    (lambda v: v["tasks"]["math"]["test"].update(split="test", dataset_name="x"), "tasks.math.test: give exactly one"),
+    (lambda v: v["tasks"]["math"]["test"].update(format="csv"), "tasks.math.test.format"),
+    (lambda v: v["tasks"]["math"].pop("test"), "tasks.math.test: missing"),
+    (lambda v: v.update(seeds=[0, 0]), "seeds: repeated"),
+    (lambda v: v.update(max_steps=0), "max_steps"),
+    (lambda v: v.pop("base_model"), "missing field.*base_model"),
+    (lambda v: v["eval"].update(batch_size=-1), "eval.batch_size"),
+    (lambda v: v.update(stepz=3), r"unknown field\(s\) \['stepz'\]"),
+])
+def test_config_errors_name_the_field(edit, message):
+    values = tiny_values()
+    edit(values)
+    with pytest.raises(CompareConfigError, match=message):
+        parse_compare_config(values)
+
+
+def test_missing_recipe_or_unknown_method_is_caught_before_running(tmp_path):
+    from taso_llm.compare.config import check_recipes
+
+    values = tiny_values()
+    values["methods"]["dora"] = {"lr_grid": [1e-3]}
+    with pytest.raises(CompareConfigError, match="methods.dora.recipe: .*math_dora.yaml does not exist"):
+        check_recipes(parse_compare_config(values), ROOT)
+    values = tiny_values()
+    values["methods"]["taso"]["overrides"] = {"method": "sparta"}
+    with pytest.raises(CompareConfigError, match="method='sparta' is not in the registry"):
+        check_recipes(parse_compare_config(values), ROOT)
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", text.replace(" ", "").replace("±", " "))]
+
+
+def check_table(report: str, results: dict) -> None:
+    lines = [line for line in report.splitlines() if line.startswith("| ")]
+    assert _cells(lines[0]) == HEADERS
+    rows = [_cells(line) for line in lines[1:1 + len(results["table"])]]
+    assert [(r[0], r[1]) for r in rows] == [(t["task"], t["method"]) for t in results["table"]]
+    for cells, row in zip(rows, results["table"]):
+        assert float(cells[2]) == pytest.approx(row["lr"])
+        for cell, (key, _, _) in zip(cells[3:], COLUMNS):
+            expected = [row[key], row[f"{key}_spread"]] if row["seeds"] > 1 else [row[key]]
+            assert _numbers(cell) == pytest.approx(expected, abs=0), (key, cell, expected)
+
+
+def test_spread_over_seeds_and_table_numbers_equal_json(tmp_path):
+    """Two seeds per method from fabricated runs: mean ± half range, and report.md shows exactly results.json."""
+    config = parse_compare_config({**tiny_values(), "seeds": [0, 1], "output_dir": str(tmp_path)})
+    grid, final = {}, {}
+    for method, lr in (("taso", 1e-2), ("lora_r1", 3e-3)):
+        for seed, (loss, score) in enumerate(((1.25, 0.5), (1.75, 0.7))):
+            run = Run("math", method, lr, seed)
+            metrics = {"method": "taso" if method == "taso" else "lora", "trainable_params": 2336,
+                       "peak_rss_bytes": (600 + seed) * 2**20, "tokens_per_second": 1000.0 + 10 * seed,
+                       "last_train_loss": loss, "eval_loss": loss, "loss_curve": [[1, 2.0], [2, loss]]}
+            evaluation = {"metrics": {"answer_nll": loss + 0.1, "score": score, "strict_match": score,
+                                      "score_name": "strict_match"}}
+            run.dir(config).mkdir(parents=True)
+            (run.dir(config) / "adapter_model.safetensors").write_bytes(b"x" * 2**20)
+            grid[run] = metrics
+            final[run] = (metrics, evaluation)
+    outcome = {"grid": {r: m for r, m in grid.items() if r.seed == 0}, "final": final,
+               "chosen": {("math", "taso"): (1e-2, "eval_loss"), ("math", "lora_r1"): (3e-3, "eval_loss")}}
+    results = build_results(config, outcome)
+    row = results["table"][0]
+    assert row["train_loss"] == 1.5 and row["train_loss_spread"] == 0.25
+    assert row["score"] == 0.6 and row["score_spread"] == 0.1 and row["adapter_mb"] == 1.0
+    assert row["peak_memory_mb"] == 600 and row["peak_memory_mb_spread"] == 0  # rounded to whole MB (600.5)
+    check_table(report_markdown(config, results, []), results)
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_tiny(tmp_path, tiny_path, monkeypatch):
+    config = load_compare_config(TINY)
+    config.output_dir = str(tmp_path / "runs")
+    config.report_dir = str(tmp_path / "report")
+    results = run_comparison(config)
+
+    report_dir = Path(config.report_dir)
+    report = (report_dir / "report.md").read_text()
+    on_disk = json.loads((report_dir / "results.json").read_text())
+    assert on_disk["table"] == results["table"]
+    assert [(r["task"], r["method"]) for r in on_disk["table"]] == [("math", "taso"), ("math", "lora_r1")]
+    check_table(report, on_disk)
+    for row in on_disk["table"]:
+        assert row["trainable_params"] > 0 and row["adapter_mb"] > 0 and row["peak_memory_mb"] > 0
+        assert row["tokens_per_second"] > 0 and row["train_loss"] > 0 and row["answer_nll"] > 0
+        assert 0 <= row["score"] <= 1
+    taso, lora = on_disk["table"]
+    assert taso["trainable_params"] <= lora["trainable_params"]  # both at the rank-1 budget; TASO never above
+    for png in ("loss_curves.png", "cost_and_score.png"):
+        assert (report_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in report
+
+    # Resumable: every run has its metrics and eval, so a second call starts no subprocess at all.
+    import taso_llm.compare.runs as runs
+
+    def no_subprocess(*a, **k):
+        raise AssertionError("a finished run was started again")
+
+    monkeypatch.setattr(runs, "_run_logged", no_subprocess)
+    again = run_comparison(config)
+    assert again["table"] == on_disk["table"]
