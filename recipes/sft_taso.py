@@ -12,7 +12,7 @@ from trl import ModelConfig, SFTConfig, TrlParser
 
 from taso_llm.config import TasoArguments
 from taso_llm.data import DataArguments
-from taso_llm.loading import configured_state_defaults, init_distributed
+from taso_llm.loading import configured_state_defaults, finish_distributed, init_distributed
 from taso_llm.run import run_sft
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny" / "instruct_taso.yaml"
@@ -26,6 +26,7 @@ def main():
     parser.set_defaults(**configured_state_defaults())
     data_args, taso_args, training_args, model_args = parser.parse_args_and_config()
     run_sft(data_args, taso_args, training_args, model_args)
+    finish_distributed()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ Both run once, offline, and are the only places that build a dense ΔW.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
@@ -97,22 +96,9 @@ def standalone_model(model: nn.Module, adapter_dir: str | Path, model_args) -> n
     if not is_sharded(model):
         return model
     from .adapters_io import load_adapter
-    from .loading import load_model_and_tokenizer
+    from .loading import load_model_and_tokenizer, no_zero_init
 
     log.info("the trained model is sharded: merging/exporting from a CPU copy of the base + %s", adapter_dir)
-    with _no_zero_init():
+    with no_zero_init():
         base, _ = load_model_and_tokenizer(model_args, device_map="cpu")
     return load_adapter(base, adapter_dir)
-
-
-@contextlib.contextmanager
-def _no_zero_init():
-    """Under ZeRO-3 from_pretrained would partition the copy again (zero.Init); this copy must be whole."""
-    import transformers.integrations.deepspeed as hf_ds
-
-    saved = hf_ds._hf_deepspeed_config_weak_ref
-    hf_ds._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = saved

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from datetime import timedelta
@@ -24,12 +25,26 @@ def torch_dtype(name: str | None) -> torch.dtype | str | None:
         raise ValueError(f"dtype={name!r}: expected auto, float32, bfloat16 or float16") from None
 
 
+@contextlib.contextmanager
+def no_zero_init():
+    """Build a model whole even under ZeRO-3 (transformers would otherwise partition it with zero.Init): the
+    meta-device copy for shapes, the CPU copy that merge/export read."""
+    import transformers.integrations.deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
 def target_shapes(model_path: str, target_modules: list[str], revision: str | None = None) -> dict[str, tuple]:
     """Names and (d_out, d_in) of the target layers, from the config alone: the model is built on the meta device."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_path, revision=revision)
-    with torch.device("meta"):
+    with no_zero_init(), torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config)
     return {name: layer_shape(m) for name, m in find_targets(meta, target_modules).items()}
 
@@ -88,7 +103,10 @@ def init_distributed() -> None:
 
     if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return
-    PartialState(backend="gloo", timeout=process_group_timeout())
+    from accelerate.utils import parse_flag_from_env
+
+    # cpu=True only when asked for (ACCELERATE_USE_CPU / --cpu): it would switch a DeepSpeed launch to plain DDP.
+    PartialState(backend="gloo", timeout=process_group_timeout(), cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def configured_state_defaults() -> dict:
@@ -100,3 +118,13 @@ def configured_state_defaults() -> dict:
     from accelerate import PartialState
 
     return {} if PartialState._shared_state == {} else {"accelerator_config": {"use_configured_state": True}}
+
+
+def finish_distributed() -> None:
+    """Barrier, then tear the process group down: ranks leaving at different moments otherwise abort at exit
+    ("terminate called without an active exception") and turn a finished run into a failed job."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
