@@ -77,6 +77,8 @@ def load_model_and_tokenizer(model_args, device_map=None) -> tuple[nn.Module, ob
     if qconfig is not None:
         kwargs.update(quantization_config=qconfig, device_map=device_map)
     model = AutoModelForCausalLM.from_pretrained(path, **{k: v for k, v in kwargs.items() if v is not None})
+    if qconfig is not None:
+        _no_cpu_packing(model)
     model.config.use_cache = False
     log.info("loaded %s (%s, %.1fM params%s)", model_args.model_name_or_path, model.dtype,
              sum(p.numel() for p in model.parameters()) / 1e6, ", 4-bit nf4" if qconfig else "")
@@ -128,3 +130,12 @@ def finish_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _no_cpu_packing(model) -> None:
+    """bitsandbytes repacks 4-bit weights for its CPU kernel on the first no-grad forward (evaluation); that repack
+    needs both dims divisible by the quant block size (64) and fails otherwise (taso-tiny's 176, the proxy's 224).
+    Keep the plain dequantize path, which handles every shape."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False

@@ -40,6 +40,10 @@ def prepare(model, args: TasoArguments, *_, model_args=None, **__) -> dict:
     )
     for p in model.parameters():
         p.requires_grad_(False)
+    if not hasattr(model, "peft_config"):
+        # build_trainer pre-declares adapters on a 4-bit base (_hf_peft_config_loaded) so the Trainer accepts it;
+        # add_adapter reads that flag as "a PEFT config exists" and fails on the missing peft_config: clear it.
+        model._hf_peft_config_loaded = False
     model.add_adapter(config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lora1 = sum(lora_params(s) for s in shapes.values())
