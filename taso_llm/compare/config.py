@@ -9,6 +9,7 @@
     max_steps: 300
     workers: 2                        # runs at a time (each a subprocess with threads_per_run threads)
     threads_per_run: 1
+    launcher: [accelerate, launch, --config_file, launch/multi_gpu.yaml]   # default: this Python, one process
     overrides: {per_device_train_batch_size: 16}     # CLI overrides for every run
     methods:
       taso: {recipe: taso, lr_grid: [3.0e-3, 1.0e-2]}
@@ -95,6 +96,7 @@ class CompareConfig:
     report_dir: str | None = None
     workers: int = 1
     threads_per_run: int | None = None
+    launcher: list[str] | None = None      # command prefix for training, e.g. [accelerate, launch, --config_file, ...]
     overrides: dict = field(default_factory=dict)
     eval: EvalSpec = field(default_factory=EvalSpec)
     real_model_command: str | None = None  # shown in the report: the same comparison on a real model
@@ -182,6 +184,8 @@ def parse_compare_config(values: dict, source: str = "compare config") -> Compar
         _positive_int(config.threads_per_run, "threads_per_run")
     for key in ("batch_size", "max_new_tokens"):
         _positive_int(getattr(config.eval, key), f"eval.{key}")
+    if config.launcher is not None and (not isinstance(config.launcher, list) or not config.launcher):
+        raise CompareConfigError(f"launcher: expected a non-empty command list, got {config.launcher!r}")
     if not isinstance(config.overrides, dict):
         raise CompareConfigError("overrides: expected a mapping of recipe fields")
     return config

@@ -100,7 +100,8 @@ def train_command(config: CompareConfig, run: Run) -> list[str]:
         "learning_rate": run.lr, "max_steps": config.max_steps, "save_strategy": "no", "eval_strategy": "no",
         "export_peft": False, "report_to": "none", **data_overrides(config, run.task), **config.overrides,
         **method.overrides}
-    return [sys.executable, str(RECIPE), "--config", str(config.recipe_path(run.task, method, ROOT)),
+    launcher = [str(x) for x in config.launcher] if config.launcher else [sys.executable]
+    return [*launcher, str(RECIPE), "--config", str(config.recipe_path(run.task, method, ROOT)),
             *cli_args(overrides)]
 
 
