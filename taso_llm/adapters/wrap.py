@@ -21,7 +21,9 @@ class SparseAdapterLinear(nn.Module):
         out = self.base(x)
         dtype = next(self.update.parameters()).dtype
         contribution, out_index = self.update(x.to(dtype))
-        return out.index_add(-1, out_index, contribution.to(out.dtype))
+        # In place: a linear layer does not keep its output for backward, so this saves a full-size copy of `out`
+        # per layer (autograd's version counter would refuse it loudly if some base ever did).
+        return out.index_add_(-1, out_index, contribution.to(out.dtype))
 
     # Callers (PEFT helpers, generation utils, our exporters) look these up on linear layers.
     @property
