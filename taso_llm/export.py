@@ -51,6 +51,8 @@ def merge_adapters(model: nn.Module) -> nn.Module:
                 if hasattr(model, attr):
                     setattr(model, attr, False)
             model.hf_quantizer = None
+            # build_trainer declared the 4-bit model as carrying (PEFT-like) adapters; it no longer does.
+            model._hf_peft_config_loaded = False
     return model
 
 

@@ -64,6 +64,17 @@ def quantization_config(model_args, load_dtype):
     )
 
 
+def _quantized_device_map():
+    """bitsandbytes quantizes when weights move to their device, so a 4-bit base needs one at load time: this
+    rank's GPU (or the CPU). Not under ZeRO-3: zero.Init places and partitions the weights itself."""
+    from accelerate import PartialState
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return None
+    return {"": PartialState().local_process_index} if torch.cuda.is_available() else "cpu"
+
+
 def load_model_and_tokenizer(model_args, device_map=None) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -75,7 +86,7 @@ def load_model_and_tokenizer(model_args, device_map=None) -> tuple[nn.Module, ob
     kwargs = dict(revision=model_args.model_revision, dtype=dtype, attn_implementation=model_args.attn_implementation)
     qconfig = quantization_config(model_args, dtype if dtype != "auto" else torch.float32)
     if qconfig is not None:
-        kwargs.update(quantization_config=qconfig, device_map=device_map)
+        kwargs.update(quantization_config=qconfig, device_map=device_map or _quantized_device_map())
     model = AutoModelForCausalLM.from_pretrained(path, **{k: v for k, v in kwargs.items() if v is not None})
     if qconfig is not None:
         _no_cpu_packing(model)

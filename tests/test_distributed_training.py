@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "tests" / "dist" / "train_recipe.py"
 COMMON = ["--max_steps", "6", "--logging_steps", "1", "--calibration_samples", "32", "--calibration_batch_size",
           "8", "--per_device_train_batch_size", "4", "--max_length", "128", "--validation_size", "0",
-          "--export_peft", "false", "--learning_rate", "2e-2", "--warmup_steps", "0", "--save_steps", "1000",
+          "--export_peft", "false", "--learning_rate", "2e-2", "--warmup_steps", "0", "--save_steps", "3",
           "--lr_scheduler_type", "constant", "--seed", "7"]
 pytestmark = pytest.mark.slow
 
@@ -47,11 +47,11 @@ def launch_cmd(config: str, script: Path, args: list[str], nproc: int = 2) -> li
     return [*cmd, str(script), *args]
 
 
-def _run(config, out: Path, tiny_path, *extra, timeout=150, env_extra=None):
+def _run(config, out: Path, tiny_path, *extra, timeout=150, env_extra=None, nproc=2):
     env = _env(tiny_path, TASO_PROBE_LOGITS=str(out / "probe_logits.pt"), **(env_extra or {}))
     if config in ("multi_gpu.yaml", "single_gpu.yaml"):
         env["ACCELERATE_USE_CPU"] = "true"
-    cmd = launch_cmd(config, RECIPE, [*COMMON, "--output_dir", str(out), *extra])
+    cmd = launch_cmd(config, RECIPE, [*COMMON, "--output_dir", str(out), *extra], nproc=nproc)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads((out / "metrics.json").read_text())
@@ -71,8 +71,8 @@ def _logits_of_saved_adapter(tiny_path, adapter_dir: Path, **load_kwargs) -> tor
         return model(input_ids=probe_ids()).logits.float()
 
 
-def _check_run(metrics: dict, out: Path, tiny_path, engine: str, stage=None, atol=1e-4, **load_kwargs):
-    assert metrics["distributed_type"] == engine and metrics["world_size"] == 2
+def _check_run(metrics: dict, out: Path, tiny_path, engine: str, stage=None, atol=1e-4, world=2, **load_kwargs):
+    assert metrics["distributed_type"] == engine and metrics["world_size"] == world
     assert metrics.get("zero_stage") == stage
     losses = [loss for _, loss in metrics["loss_curve"]]
     assert len(losses) == 6 and min(losses[-2:]) < losses[0], losses
@@ -115,5 +115,102 @@ def test_deepspeed_zero_matches_ddp(ddp_run, tmp_path, tiny_path, config, stage)
 
 def test_zero3_cpu_offload_trains(tmp_path, tiny_path):
     """Parameters and optimizer state offloaded (DeepSpeedCPUAdam from ds_configs/zero3_offload.json)."""
-    metrics = _run("zero3_offload.yaml", tmp_path, tiny_path, timeout=240)
+    metrics = _run("zero3_offload.yaml", tmp_path, tiny_path, timeout=300)  # first use compiles CPUAdam
     _check_run(metrics, tmp_path, tiny_path, "DEEPSPEED", 3)
+
+
+def test_fsdp2_shards_trains_and_saves(ddp_run, tmp_path, tiny_path):
+    """fully_shard on a CPU mesh (the accelerate FSDP plugin is a no-op on CPU): each rank holds about half of
+    the parameters, the loss falls, and the gathered adapter reproduces the sharded model's logits."""
+    masks = ddp_run[0] / "masks.safetensors"
+    env = _env(tiny_path, ACCELERATE_USE_CPU="true")
+    cmd = launch_cmd("multi_gpu.yaml", ROOT / "tests" / "dist" / "train_fsdp2.py", [str(tiny_path), str(masks),
+                                                                                   str(tmp_path)])
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    probe = torch.load(tmp_path / "probe.pt")
+    assert probe["local"] < 0.6 * probe["full"]
+    assert probe["losses"][-1] < probe["losses"][0]
+    torch.testing.assert_close(_logits_of_saved_adapter(tiny_path, tmp_path), probe["logits"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config, engine, stage", [("multi_gpu.yaml", "MULTI_CPU", None), ("zero3.yaml", "DEEPSPEED", 3)])
+def test_4bit_base(tmp_path, tiny_path, config, engine, stage):
+    """nf4 + double quantization: importance on dequantized weights, adapters in the compute dtype (float32 here,
+    not the uint8/storage dtype), save/load onto a 4-bit base in one process, merge through a dequantized copy."""
+    from transformers import BitsAndBytesConfig
+
+    metrics = _run(config, tmp_path, tiny_path, "--load_in_4bit", "true", "--use_bnb_nested_quant", "true",
+                   "--save_merged", "true")
+    qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
+    _check_run(metrics, tmp_path, tiny_path, engine, stage, quantization_config=qconfig, device_map="cpu")
+    values = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert all(v.dtype == torch.float32 for k, v in values.items() if not k.endswith((".rows", ".cols")))
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+
+
+def _interrupted_copy(full: Path, dst: Path) -> Path:
+    """What a run stopped right after its step-3 checkpoint leaves behind: masks + checkpoint-3, nothing else."""
+    import shutil
+
+    dst.mkdir()
+    shutil.copy(full / "masks.safetensors", dst)
+    shutil.copytree(full / "checkpoint-3", dst / "checkpoint-3")
+    return dst
+
+
+@pytest.mark.parametrize("config, nproc", [("single_gpu.yaml", 1), ("multi_gpu.yaml", 2)])
+def test_resume_equals_uninterrupted(ddp_run, tmp_path, tiny_path, config, nproc):
+    """Adapter, optimizer, scheduler and RNG state come back from the adapter-only checkpoint; masks are reused
+    from output_dir, not re-estimated."""
+    if nproc == 2:
+        full = ddp_run[0]
+    else:
+        full = tmp_path / "full"
+        _run(config, full, tiny_path, nproc=1)
+    assert (full / "checkpoint-3" / "optimizer.pt").is_file() and (full / "checkpoint-3" / "scheduler.pt").is_file()
+    resumed = _interrupted_copy(full, tmp_path / "resumed")
+    metrics = _run(config, resumed, tiny_path, "--resume_from_checkpoint", "true", nproc=nproc)
+    assert metrics["masks_reused_from"].endswith("masks.safetensors") and metrics["importance_batches"] == 0
+    assert [s for s, _ in metrics["loss_curve"]] == [4, 5, 6]
+    _assert_same_adapter(full, resumed, atol=1e-6)
+
+
+def _pids_with(marker: str, rank: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if f"TASO_TEST_MARKER={marker}".encode() in environ and f"RANK={rank}".encode() in environ:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_killed_rank_fails_the_job_quickly(tmp_path, tiny_path):
+    """SIGKILL rank 1 mid-training: the launcher must exit non-zero, naming the failed rank, within 60 s."""
+    marker = tmp_path.name
+    env = _env(tiny_path, ACCELERATE_USE_CPU="true", TASO_DDP_TIMEOUT="30", TASO_TEST_MARKER=marker)
+    args = [*COMMON, "--output_dir", str(tmp_path), "--max_steps", "100000", "--save_steps", "2"]
+    proc = subprocess.Popen(launch_cmd("multi_gpu.yaml", RECIPE, args), cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "checkpoint-2").exists():
+            assert proc.poll() is None and time.time() < deadline, "training never reached a checkpoint"
+            time.sleep(0.5)
+        victims = [p for p in _pids_with(marker, "1") if p != proc.pid]
+        assert victims, "rank 1 not found"
+        killed_at = time.time()
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert time.time() - killed_at < 60
+    assert "SIGKILL" in output or "Signal 9" in output, output[-3000:]
