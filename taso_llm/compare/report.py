@@ -158,11 +158,16 @@ def plot_results(results: dict, out: Path) -> list[str]:
     for i, task in enumerate(tasks):
         rows = [r for r in results["table"] if r["task"] == task]
         for ax, (key, title) in zip(axes[i], panels):
-            ax.bar(range(len(rows)), [r[key] for r in rows], yerr=[r[key + "_spread"] for r in rows], capsize=3,
-                   color=[colors[r["method"]] for r in rows])
+            values = [r[key] for r in rows]
+            bars = ax.bar(range(len(rows)), values, yerr=[r[key + "_spread"] for r in rows], capsize=3,
+                          color=[colors[r["method"]] for r in rows])
+            ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], fontsize=7)
             ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=30, fontsize=8)
-            if key in ("trainable_params", "adapter_mb"):
+            positive = [v for v in values if v > 0]
+            if positive and max(positive) / min(positive) > 20:  # full FT vs adapters: orders of magnitude apart
                 ax.set_yscale("log")
+            elif key == "score" and all(0 <= v <= 1 for v in values):
+                ax.set_ylim(0, 1.05)
             ax.set_title(f"{task}: {title}", fontsize=9)
     fig.tight_layout()
     _save(fig, out / "cost_and_score.png")
