@@ -85,6 +85,8 @@ def gathered_weight(module: nn.Module) -> torch.Tensor:
 
         if weight.ds_status == ZeroParamStatus.AVAILABLE:  # DeepSpeed's own hooks fetched it for this module
             return weight.data.clone()
+        if weight.ds_status == ZeroParamStatus.INFLIGHT:  # GatheredParameters would skip it and we'd read a part
+            raise RuntimeError("ZeRO-3 weight is being prefetched; score with stage3_prefetch_bucket_size 0")
         with GatheredParameters([weight], modifier_rank=None):
             return weight.data.clone()
     if _is_dtensor(weight):  # FSDP2 while the layer is resharded
@@ -104,8 +106,9 @@ def _temporary_zero3_engine(model: nn.Module):
     config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
-        # threshold 0: no parameter becomes persistent (gathered for good); each is fetched per module and released
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        # persistence 0: no parameter is gathered for good, each is fetched per module and released; prefetch 0: no
+        # weight is ever half-fetched (INFLIGHT) when the importance hook gathers it
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0},
         "bf16": {"enabled": dtype == torch.bfloat16},
         "fp16": {"enabled": dtype == torch.float16},
     }

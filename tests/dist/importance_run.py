@@ -94,6 +94,9 @@ def main():
     parser.add_argument("--engine", choices=["single", "ddp", "zero3", "fsdp"], required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--then_train", action="store_true",
+                        help="afterwards attach the adapters and take one optimizer step through a fresh DeepSpeed "
+                             "engine (ZeRO-3: the temporary importance engine must leave the model usable)")
     a = parser.parse_args()
     if a.engine != "single":
         dist.init_process_group("gloo")
@@ -131,9 +134,37 @@ def main():
         if rank == 0:
             save_masks(out / "masks.safetensors", regions, "taso-tiny")
             (out / "report.json").write_text(json.dumps({k: v for k, v in report.items() if k != "stats"}))
+    if a.then_train:
+        train_one_step(model, regions, collate_fn(tokenizer.pad_token_id)([data[i] for i in range(4)]))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def train_one_step(model, regions, batch):
+    """What the Trainer does next, in small: adapters on, a new ZeRO-3 engine with an optimizer, one step."""
+    import deepspeed
+
+    from taso_llm.adapters import attach_updates, iter_adapters
+
+    attach_updates(model, regions, alpha=4.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3},
+           "zero_allow_untested_optimizer": True}  # plain SGD: no compiled DeepSpeed op needed
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
+                                      optimizer=torch.optim.SGD(params, lr=0.5), config=cfg)
+    name, wrapper = next(iter_adapters(model))
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    with GatheredParameters([wrapper.update.lora_B]):
+        before = wrapper.update.lora_B.detach().clone()
+    loss = engine(**batch).loss
+    engine.backward(loss)
+    engine.step()
+    with GatheredParameters([wrapper.update.lora_B]):
+        after = wrapper.update.lora_B.detach().clone()
+    assert torch.isfinite(loss) and not torch.equal(before, after), f"{name}: adapter did not train"
+    print(f"rank {dist.get_rank()}: one ZeRO-3 step after importance, loss {float(loss.detach()):.4f}")
 
 
 if __name__ == "__main__":
