@@ -25,11 +25,10 @@ def probe_ids() -> torch.Tensor:
 
 class LogitsProbe(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        was_training = model.training
-        model.eval()
+        # Train mode (the tiny LLaMA has no dropout) so a 4-bit base runs the same bitsandbytes kernel as in the
+        # single-process check; eval mode switches to a repacked CPU inference kernel with other rounding.
         with torch.no_grad():
             logits = model(input_ids=probe_ids().to(args.device)).logits.float().cpu()
-        model.train(was_training)
         if state.is_world_process_zero:
             torch.save(logits, os.environ["TASO_PROBE_LOGITS"])
 
