@@ -132,3 +132,42 @@ def test_compare_end_to_end_tiny(tmp_path, tiny_path, monkeypatch):
     monkeypatch.setattr(runs, "_run_logged", no_subprocess)
     again = run_comparison(config)
     assert again["table"] == on_disk["table"]
+
+
+def test_proxy_tokenizer_digits_and_cached_pretraining(tmp_path, monkeypatch):
+    """One token per digit; the proxy is written atomically with its log, cached, and the alias names the command."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from taso_llm import proxy
+    from taso_llm.tiny import resolve_model_path
+
+    tok = proxy.build_proxy_tokenizer()
+    pieces = [tok.decode([i]) for i in tok("He has 4821 apples", add_special_tokens=False)["input_ids"]]
+    assert [p for p in pieces if p.strip().isdigit()] == ["4", "8", "2", "1"]
+
+    monkeypatch.setenv("TASO_LLM_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="recipes/pretrain_proxy.py"):
+        resolve_model_path("taso-proxy")
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1)
+    out = proxy.pretrain(config=small, pretrain=dict(steps=3, batch_size=2, seq_len=32, n_docs=20, warmup=1))
+    assert out.parent == tmp_path and out.name.startswith("taso-proxy-")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dir left behind
+    log = json.loads((out / "pretrain_log.json").read_text())
+    assert log["steps_done"] == 3 and log["params"] > 0
+    assert proxy.pretrain(config=small, pretrain=dict(steps=3, batch_size=2, seq_len=32, n_docs=20, warmup=1)) == out
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.hidden_size == 32 and AutoTokenizer.from_pretrained(out)("12")["input_ids"][-2:] == tok("12")[
+        "input_ids"][-2:]
+
+
+def test_generated_task_files_are_deterministic(tmp_path):
+    from taso_llm.proxy import write_task_data
+
+    a = write_task_data(tmp_path / "a.jsonl", "math", 5, seed=3)
+    b = write_task_data(tmp_path / "b.jsonl", "math", 5, seed=3)
+    rows = [json.loads(line) for line in a.read_text().splitlines()]
+    assert a.read_bytes() == b.read_bytes() and len(rows) == 5
+    assert all(r["task"] == "math" and r["answer"] for r in rows)
+    with pytest.raises(ValueError, match="task='poetry'"):
+        write_task_data(tmp_path / "c.jsonl", "poetry", 5, seed=3)
