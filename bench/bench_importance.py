@@ -138,12 +138,15 @@ def recipe_epoch_share(work: Path) -> dict:
     out = work / "recipe"
     cmd = [sys.executable, str(ROOT / "recipes" / "sft_taso.py"), "--output_dir", str(out), "--num_train_epochs", "1",
            "--save_strategy", "no"]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    # one thread as in the importance runs: on this 2-core box two torch threads made both importance and training
+    # several times slower (OpenMP contention), which would distort the share
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-4000:])
     m = json.loads((out / "metrics.json").read_text())
     return {"config": "recipes/configs/tiny/instruct_taso.yaml (num_train_epochs 1, save_strategy no)",
+            "omp_threads": 1,
             "importance_seconds": m["importance_seconds"], "importance_batches": m["importance_batches"],
             "epoch_train_seconds": m["train_seconds"],
             "importance_share_of_epoch": m["importance_seconds"] / m["train_seconds"]}
