@@ -26,7 +26,7 @@ log = logging.getLogger("taso_llm")
 MASKS_FILE = "masks.safetensors"
 
 
-def validate(args: TasoArguments, shapes: dict[str, tuple[int, int]]) -> None:
+def validate(args: TasoArguments, shapes: dict[str, tuple[int, int]], model_args=None) -> None:
     validate_taso_args(args, shapes)
 
 
@@ -88,7 +88,7 @@ def select_regions(model, targets: dict, args: TasoArguments, batches: Iterable[
 
 def prepare(model, args: TasoArguments, calibration: Callable[[], Iterable[dict]], num_batches: int,
             output_dir: str | Path, model_id: str, is_main: bool = True,
-            weight_fn: Callable = distributed.gathered_weight, show_progress: bool = True) -> dict:
+            weight_fn: Callable = distributed.gathered_weight, show_progress: bool = True, **_) -> dict:
     """Select the adapter's structure and attach it to `model` in place. Returns the report for metrics.json.
 
     `calibration()` yields this rank's calibration batches; `num_batches` is only for the progress bar."""
