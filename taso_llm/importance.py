@@ -100,13 +100,15 @@ class _Collector:
         if not self.abs_per_batch:
             self._accumulate_full(grad_w)
             return
-        saliency = (weight.float() * grad_w).abs_()
+        # |W ⊙ G| in G's own storage: one matrix-sized temporary per hook, not three (peak memory of importance).
+        saliency = grad_w.mul_(weight).abs_()
         del weight
         if self.keep == "full":
             self._accumulate_full(saliency)
             return
-        row = saliency.sum(dim=1, dtype=torch.float64).cpu()
-        col = saliency.sum(dim=0, dtype=torch.float64).cpu()
+        # Per-batch sums in fp32 (a float64 `dtype=` would first copy the whole matrix); batches add up in float64.
+        row = saliency.sum(dim=1).double().cpu()
+        col = saliency.sum(dim=0).double().cpu()
         if self.stats.per_batch is not None:
             self.stats.per_batch[self.batch_index] = (row, col)
         ordered_sum([row], into=self.stats.row)
