@@ -110,7 +110,8 @@ def _metrics(report, result, cb: MetricsCallback, trainer, base_lr, length_stats
         **{k: v for k, v in report.items() if k != "layers"},
         "first_train_loss": losses[0] if losses else None,
         "last_train_loss": losses[-1] if losses else None,
-        "train_loss_mean": result.training_loss,
+        # From the logged per-step losses: the Trainer's own aggregate differs under DeepSpeed.
+        "train_loss_mean": sum(losses) / len(losses) if losses else result.training_loss,
         "loss_curve": cb.losses,
         "eval_loss_curve": cb.eval_losses,
         "train_seconds": train_seconds,
