@@ -37,6 +37,10 @@ class TasoArguments:
         default="per_batch",
         metadata={"help": "'per_batch': sum over batches of |W⊙G_b| (default); 'after_sum': |W⊙ΣG_b| "
                           "(keeps a full-size accumulator per matrix)."})
+    importance_checkpointing: bool = field(
+        default=True,
+        metadata={"help": "Recompute decoder layers in the importance backward (reentrant activation checkpointing), "
+                          "so scoring needs no more activation memory than checkpointed training."})
     lr_scaling: str = field(
         default="sqrt",
         metadata={"help": "Sparsity-aware learning-rate multiplier: 'none', 'sqrt' ((d_in+d_out)/(|R|+|C|))^0.5 "

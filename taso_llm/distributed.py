@@ -1,6 +1,6 @@
 """Distributed TASO importance: every collective of the importance stage lives here (importance.py has none).
 
-Flow on each of W ranks (`distributed_regions`):
+Flow on each of W ranks (`methods.taso.select_regions` drives it):
   1. score this rank's calibration batches (calibration.py: batch b on rank b % W, padded to equal counts);
   2. each target matrix has ONE owner rank (`assign_owners`: greedy by size, deterministic);
   3. statistics are reduced to their owners (`reduce_to_owners`); owners finalize them;

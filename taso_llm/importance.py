@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Iterable
 
 import torch
@@ -152,28 +153,43 @@ def _activations_require_grad(model: nn.Module):
 
 
 @contextmanager
-def _scoring_mode(model: nn.Module):
-    """Eval mode (no dropout), no gradient checkpointing (its recompute would fire the hooks twice), and every
-    parameter frozen, so backward computes activation gradients only and never fills (or, under ZeRO-3, tries to
-    partition) a weight's .grad. The hooks need nothing else; requires_grad is restored afterwards."""
-    was_training = model.training
+def _scoring_mode(model: nn.Module, checkpointing: bool):
+    """No dropout anywhere, and every parameter frozen, so backward computes activation gradients only and never fills
+    (or, under ZeRO-3, tries to partition) a weight's .grad. Everything is restored exactly afterwards.
+
+    With `checkpointing`, decoder layers run under reentrant activation checkpointing, so importance needs no more
+    activation memory than training with checkpointing does: the first forward runs without grad (the hooks skip
+    it) and the hooks capture each layer once, in its recompute during backward. transformers checkpoints a layer
+    when its `gradient_checkpointing` flag is set and it is in training mode; only those layers are put in training
+    mode (not their children: attention dropout and the like stay off). Without it, no layer is checkpointed (a
+    non-reentrant recompute would fire the hooks a second time)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     trainable = [p for p in model.parameters() if p.requires_grad]
+    modes = [(m, m.training) for m in model.modules()]
+    layers = [(m, m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func"))
+              for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for p in trainable:
         p.requires_grad_(False)
-    flag = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else \
-        "is_gradient_checkpointing"
-    checkpointing = getattr(model, flag, False)
-    if checkpointing:
-        model.gradient_checkpointing_disable()
     model.eval()
+    for layer, _, _ in layers:
+        layer.gradient_checkpointing = checkpointing
+        if checkpointing:
+            layer._gradient_checkpointing_func = partial(torch.utils.checkpoint.checkpoint, use_reentrant=True)
+            layer.training = True
     try:
         yield
     finally:
         for p in trainable:
             p.requires_grad_(True)
-        model.train(was_training)
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        for m, training in modes:
+            m.training = training
+        for layer, flag, func in layers:
+            layer.gradient_checkpointing = flag
+            if func is None:
+                layer.__dict__.pop("_gradient_checkpointing_func", None)
+            else:
+                layer._gradient_checkpointing_func = func
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -191,13 +207,15 @@ def estimate_importance(
     show_progress: bool = True,
     per_batch: bool = False,
     finalize: bool = True,
+    checkpointing: bool = True,
 ) -> ImportanceResult:
     """Score `targets` on `batches` (dicts with input_ids, attention_mask, labels; labels -100 outside completions).
 
     `weight_fn` reads a layer's full weight when it is scored; the distributed path passes one that gathers a
     ZeRO-3 / FSDP shard just for that moment. `per_batch` keeps rowcol statistics per global batch index;
     `finalize=False` leaves deferred |·| and full → row/col to the caller (after a cross-rank reduction).
-    `batches` and `tokens` in the result count only counted batches.
+    `batches` and `tokens` in the result count only counted batches. `checkpointing` (default) recomputes
+    decoder layers in backward, as training with gradient checkpointing does, instead of keeping their activations.
     """
     if keep not in ("rowcol", "full"):
         raise ValueError(f"importance keep={keep!r}: expected 'rowcol' or 'full'")
@@ -206,7 +224,7 @@ def estimate_importance(
     n_batches = n_tokens = 0
     start = time.perf_counter()
     try:
-        with _scoring_mode(model), _activations_require_grad(model):
+        with _scoring_mode(model, checkpointing), _activations_require_grad(model):
             for i, batch in enumerate(tqdm(batches, total=num_batches, desc="importance", disable=not show_progress,
                                            unit="batch")):
                 index, counted = int(batch.get(BATCH_INDEX, i)), bool(batch.get(COUNTED, True))

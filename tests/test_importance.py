@@ -80,3 +80,23 @@ def test_hooks_are_removed_and_model_restored(tiny_model):
 def test_unknown_target_module_is_named(tiny_model):
     with pytest.raises(ValueError, match="qq_proj"):
         find_targets(tiny_model, ["q_proj", "qq_proj"])
+
+
+def test_checkpointed_scoring_equals_plain_and_really_recomputes(tiny_model):
+    """Reentrant checkpointing (the default) recomputes each decoder layer in backward, yet the hooks score every
+    layer once, giving the same statistics as a run that keeps all activations."""
+    batches = _batches(2)
+    targets = find_targets(tiny_model, DEFAULT_TARGETS)
+    calls = []
+    handle = tiny_model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *a: calls.append(1))
+    with_ckpt = estimate_importance(tiny_model, targets, batches, checkpointing=True, show_progress=False)
+    assert len(calls) == 4  # forward + recompute, per batch
+    calls.clear()
+    plain = estimate_importance(tiny_model, targets, batches, checkpointing=False, show_progress=False)
+    assert len(calls) == 2
+    handle.remove()
+    for name in targets:
+        torch.testing.assert_close(with_ckpt.stats[name].row, plain.stats[name].row, rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(with_ckpt.stats[name].col, plain.stats[name].col, rtol=1e-6, atol=1e-12)
+    layer = tiny_model.model.layers[0]
+    assert not layer.gradient_checkpointing and not tiny_model.model.training  # restored

@@ -65,7 +65,8 @@ def select_regions(model, targets: dict, args: TasoArguments, batches: Iterable[
         result = estimate_importance(model, targets, batches, keep=keep,
                                      abs_per_batch=args.importance_abs == "per_batch", weight_fn=weight_fn,
                                      num_batches=num_batches, show_progress=show_progress and rank == 0,
-                                     per_batch=world > 1 and keep == "rowcol", finalize=world == 1)
+                                     per_batch=world > 1 and keep == "rowcol", finalize=world == 1,
+                                     checkpointing=args.importance_checkpointing)
         if world == 1:
             stats = result.stats
         else:  # the weight gathers of after_sum finalization need the ZeRO-3 hooks' context too
