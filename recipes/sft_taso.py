@@ -12,7 +12,7 @@ from trl import ModelConfig, SFTConfig, TrlParser
 
 from taso_llm.config import TasoArguments
 from taso_llm.data import DataArguments
-from taso_llm.loading import configured_state_defaults, finish_distributed, init_distributed
+from taso_llm.distributed import configured_state_defaults, finish_distributed, init_distributed
 from taso_llm.run import run_sft
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny" / "instruct_taso.yaml"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-from datetime import timedelta
 
 import torch
 from torch import nn
@@ -94,53 +92,6 @@ def load_model_and_tokenizer(model_args, device_map=None) -> tuple[nn.Module, ob
     log.info("loaded %s (%s, %.1fM params%s)", model_args.model_name_or_path, model.dtype,
              sum(p.numel() for p in model.parameters()) / 1e6, ", 4-bit nf4" if qconfig else "")
     return model, tokenizer
-
-
-def process_group_timeout(default_s: float = 1800.0) -> timedelta:
-    """How long a collective may wait for a missing rank before the job fails (TASO_DDP_TIMEOUT seconds).
-
-    A rank that dies mid-step leaves the others blocked in an all-reduce; this bounds the wait. TrainingArguments'
-    `ddp_timeout` sets the same on GPU; on CPU transformers does not pass it on, so we do.
-    """
-    return timedelta(seconds=float(os.environ.get("TASO_DDP_TIMEOUT", default_s)))
-
-
-def init_distributed() -> None:
-    """Create the process group before TrainingArguments does, when there are several ranks and no CUDA.
-
-    Without CUDA, accelerate + DeepSpeed would pick a backend that miscounts the world size; gloo is forced here
-    and the training arguments then reuse this state (`accelerator_config.use_configured_state`, see
-    `configured_state_defaults`). With CUDA nothing happens: TrainingArguments sets up NCCL with `ddp_timeout`.
-    """
-    from accelerate import PartialState
-
-    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        return
-    from accelerate.utils import parse_flag_from_env
-
-    # cpu=True only when asked for (ACCELERATE_USE_CPU / --cpu): it would switch a DeepSpeed launch to plain DDP.
-    PartialState(backend="gloo", timeout=process_group_timeout(), cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-
-
-def configured_state_defaults() -> dict:
-    """Parser defaults that make TrainingArguments reuse the state from `init_distributed`, if it ran.
-
-    A default, not an argument: a YAML `accelerator_config` still wins. (Passing the JSON on the command line
-    does not survive accelerate's DeepSpeed launcher's re-quoting.)
-    """
-    from accelerate import PartialState
-
-    return {} if PartialState._shared_state == {} else {"accelerator_config": {"use_configured_state": True}}
-
-
-def finish_distributed() -> None:
-    """Barrier, then tear the process group down: ranks leaving at different moments otherwise abort at exit
-    ("terminate called without an active exception") and turn a finished run into a failed job."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def _no_cpu_packing(model) -> None:

@@ -21,7 +21,7 @@ from train_recipe import probe_ids  # noqa: E402
 
 from taso_llm.adapters import attach_updates  # noqa: E402
 from taso_llm.adapters_io import save_adapter  # noqa: E402
-from taso_llm.loading import finish_distributed, process_group_timeout  # noqa: E402
+from taso_llm.distributed import finish_distributed, process_group_timeout  # noqa: E402
 from taso_llm.masks import load_masks  # noqa: E402
 from taso_llm.train import final_adapter_state  # noqa: E402
 
