@@ -83,7 +83,8 @@ def run_sft(data_args: DataArguments, taso_args: TasoArguments, training_args, m
 
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     out = Path(training_args.output_dir)
-    if hasattr(method, "save"):  # TASO writes its own adapter format (+ masks); baselines save as the Trainer does
+    own_format = hasattr(method, "save")  # TASO writes its own adapter format; baselines save as the Trainer does
+    if own_format:
         adapter = final_adapter_state(trainer.accelerator.unwrap_model(trainer.model))  # collective: all ranks
         if state.is_main_process:
             method.save(trainer.model, out, taso_args, model_id, state=adapter)
@@ -94,11 +95,11 @@ def run_sft(data_args: DataArguments, taso_args: TasoArguments, training_args, m
     if eval_ds is not None:  # every rank: evaluation gathers losses across ranks
         metrics["eval_loss"] = trainer.evaluate().get("eval_loss")
     if state.is_main_process:
-        _extra_outputs(standalone_model(trainer.model, out, model_args) if hasattr(method, "save")
-                       else trainer.model, taso_args, out, model_id, tokenizer, metrics)
+        _extra_outputs(standalone_model(trainer.model, out, model_args) if own_format else trainer.model,
+                       taso_args, out, model_id, tokenizer, metrics)
         write_json(out / "metrics.json", metrics)
         plot_run(metrics, out / "training.png")
-        log.info("wrote %s (adapter, masks, metrics.json, training.png)", out)
+        log.info("wrote %s (adapter%s, metrics.json, training.png)", out, ", masks" if own_format else "")
     state.wait_for_everyone()
     return metrics
 

@@ -50,6 +50,8 @@ def no_heavy_work(monkeypatch):
     (["--target_modules", "q_proj", "qkv_proj"], "qkv_proj"),
     (["--budget", "3", "--adapter_rank", "4"], "budget='3'"),
     (["--structure", "diagonal"], "structure='diagonal'"),
+    (["--method", "lora", "--save_merged", "true"], "save_merged"),
+    (["--method", "dora"], "method='dora'"),
     (["--dataset_name", "{missing}"], "output"),
 ])
 def test_bad_config_stops_early_and_names_it(tmp_path, no_heavy_work, override, message):

@@ -22,6 +22,9 @@ def _targets(args: TasoArguments, model_args) -> list[str]:
 
 
 def validate(args: TasoArguments, shapes: dict, model_args=None) -> None:
+    if args.save_merged:
+        raise ValueError("save_merged is for TASO adapters; merge a LoRA adapter with peft: "
+                         "PeftModel.from_pretrained(base, output_dir).merge_and_unload().save_pretrained(...)")
     if model_args is not None and model_args.lora_r < 1:
         raise ValueError(f"lora_r={model_args.lora_r}: must be at least 1")
 
