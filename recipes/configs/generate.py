@@ -70,7 +70,8 @@ GPU_EPOCHS = {"instruct": 3, "math": 1, "code": 2}  # MetaMathQA is 395k rows: o
 TINY_TRAINING = dict(
     bf16=False, max_length=256, num_train_epochs=3, per_device_train_batch_size=16, per_device_eval_batch_size=32,
     lr_scheduler_type="cosine", warmup_steps=5, logging_steps=5, save_strategy="steps", save_steps=50,
-    save_total_limit=2, eval_strategy="no", report_to="none", seed=42, dataloader_num_workers=0)
+    save_total_limit=2, eval_strategy="no", report_to="none", seed=42, dataloader_num_workers=0,
+    dataloader_pin_memory=False)  # CPU: no pinned memory (and no warning per epoch)
 
 
 class _Dumper(yaml.SafeDumper):
