@@ -23,12 +23,14 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Indices and trainable values of every adapter, keyed `<module>.<tensor>` (rows/cols as int32)."""
+def adapter_state(model: nn.Module, materialize=lambda t: t) -> dict[str, torch.Tensor]:
+    """Indices and trainable values of every adapter as the file stores them: `<module>.<tensor>`, rows/cols as
+    int32, on CPU. `materialize` turns a sharded tensor whole (distributed.gathered_adapter_state passes one)."""
     state = {}
     for name, wrapper in iter_adapters(model):
         for key, tensor in wrapper.update.state_dict().items():
-            state[f"{name}.{key}"] = tensor.to(torch.int32) if key in ("rows", "cols") else tensor
+            tensor = materialize(tensor).detach().cpu()
+            state[f"{name}.{key}"] = tensor.to(torch.int32) if key in ("rows", "cols") else tensor.clone()
     return state
 
 
@@ -36,15 +38,9 @@ def adapter_config(model: nn.Module, base_model: str, alpha: float, extra: dict 
     modules = {}
     for name, wrapper in iter_adapters(model):
         u = wrapper.update
-        modules[name] = {"shape": list(u.shape), "structure": _structure_of(u), "rank": getattr(u, "rank", 1)}
+        modules[name] = {"shape": list(u.shape), "structure": u.structure, "rank": getattr(u, "rank", 1)}
     return {"format": ADAPTER_FORMAT, "base_model_name_or_path": base_model, "alpha": alpha,
             "modules": modules, **(extra or {})}
-
-
-def _structure_of(update: nn.Module) -> str:
-    from .adapters.updates import UPDATES
-
-    return next(k for k, cls in UPDATES.items() if type(update) is cls)
 
 
 def save_adapter(model: nn.Module, output_dir: str | Path, base_model: str, alpha: float,

@@ -255,6 +255,23 @@ def share_object(obj_by_owner: dict, owners: dict[str, int]) -> dict:
     return {name: merged[name] for name in sorted(owners) if name in merged}
 
 
+def gathered_adapter_state(model: nn.Module) -> dict:
+    """The adapter as its file stores it (adapters_io.adapter_state), whole on every rank. Collective: all ranks
+    call it. Only the adapter is gathered (a few MB), never the frozen base: ZeRO-3 partitions through
+    GatheredParameters, FSDP2 DTensors through full_tensor(); plain tensors (DDP, ZeRO-2, one process) pass through."""
+    from .adapters import iter_adapters
+    from .adapters_io import adapter_state
+
+    params = [p for _, w in iter_adapters(model) for p in w.update.parameters()]
+    gather = nullcontext()
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    with gather:
+        return adapter_state(model, materialize=lambda t: t.full_tensor() if _is_dtensor(t) else t)
+
+
 # ---------------------------------------------------------------------------------------------- process group
 
 def process_group_timeout(default_s: float = 1800.0) -> timedelta:

@@ -44,7 +44,7 @@ def merge_adapters(model: nn.Module) -> nn.Module:
         _set_submodule(model, name, _merged_linear(wrapper.base, delta))
     if quantized:
         log.warning("merged %d adapters into dequantized copies of 4-bit layers: the merged layers are dense "
-                    "(%s) and the model is no longer 4-bit", quantized, "compute dtype")
+                    "(in the compute dtype) and the model is no longer 4-bit", quantized)
         if hasattr(model, "config"):
             model.config.quantization_config = None
             for attr in ("is_loaded_in_4bit", "is_quantized"):

@@ -22,7 +22,8 @@ from .methods import get_method
 from .methods.taso import MASKS_FILE
 from .plots import plot_run
 from .tiny import resolve_model_path
-from .train import MetricsCallback, build_trainer, engine_info, final_adapter_state, peak_memory_bytes
+from .distributed import gathered_adapter_state
+from .train import MetricsCallback, build_trainer, engine_info, peak_memory_bytes
 
 log = logging.getLogger("taso_llm")
 
@@ -85,7 +86,7 @@ def run_sft(data_args: DataArguments, taso_args: TasoArguments, training_args, m
     out = Path(training_args.output_dir)
     own_format = hasattr(method, "save")  # TASO writes its own adapter format; baselines save as the Trainer does
     if own_format:
-        adapter = final_adapter_state(trainer.accelerator.unwrap_model(trainer.model))  # collective: all ranks
+        adapter = gathered_adapter_state(trainer.accelerator.unwrap_model(trainer.model))  # collective: all ranks
         if state.is_main_process:
             method.save(trainer.model, out, taso_args, model_id, state=adapter)
     else:

@@ -7,7 +7,6 @@ wrapped model when a run resumes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import resource
 import sys
@@ -19,7 +18,8 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from .adapters import iter_adapters
-from .adapters_io import CONFIG_NAME, WEIGHTS_NAME, adapter_config, read_adapter
+from .adapters_io import CONFIG_NAME, WEIGHTS_NAME, adapter_config, adapter_state, read_adapter
+from .distributed import gathered_adapter_state
 from .io import save_safetensors, write_json
 
 log = logging.getLogger("taso_llm")
@@ -68,47 +68,6 @@ def engine_info(trainer) -> dict:
     return info
 
 
-def gathered_adapter_state(model) -> dict:
-    """Every adapter tensor, whole, keyed as in `model.state_dict()`. Collective: all ranks must call it.
-
-    Only the adapter is gathered (a few MB), never the frozen base: ZeRO-3 partitions are assembled with
-    GatheredParameters, FSDP2 DTensors with full_tensor(); plain tensors (DDP, ZeRO-2, one process) pass through.
-    """
-    from torch.distributed.tensor import DTensor
-
-    adapters = list(iter_adapters(model))
-    params = [p for _, w in adapters for p in w.update.parameters()]
-    gather = contextlib.nullcontext()
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    out = {}
-    with gather:
-        for name, wrapper in adapters:
-            for key, t in wrapper.update.state_dict().items():
-                t = t.full_tensor() if isinstance(t, DTensor) else t
-                out[f"{name}.update.{key}"] = t.detach().cpu().clone()
-    return out
-
-
-def final_adapter_state(model) -> dict:
-    """The adapter as `save_adapter` writes it (`<module>.<tensor>`), gathered from any sharding. Collective."""
-    return _adapter_entries(gathered_adapter_state(model), [n for n, _ in iter_adapters(model)])
-
-
-def _adapter_entries(state_dict: dict, names: list[str]) -> dict:
-    """From a full (possibly gathered) model state dict, the adapter tensors keyed `<module>.<tensor>`."""
-    out = {}
-    for name in names:
-        prefix = f"{name}.update."
-        for key, value in state_dict.items():
-            if key.startswith(prefix) or key.startswith("module." + prefix):
-                short = key.split(prefix, 1)[1]
-                out[f"{name}.{short}"] = value.to(torch.int32) if short in ("rows", "cols") else value
-    return out
-
-
 class TasoSFTTrainer(SFTTrainer):
     """SFTTrainer whose checkpoints of a sparse-adapter model contain the adapter only."""
 
@@ -125,7 +84,7 @@ class TasoSFTTrainer(SFTTrainer):
         if not self._has_adapters():
             return super().save_model(output_dir, _internal_call)
         state = gathered_adapter_state(self.accelerator.unwrap_model(self.model))
-        self._save(output_dir, state_dict=state)
+        self._save(output_dir, state_dict=state)  # adapter_state's format: `<module>.<tensor>`
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self._has_adapters():
@@ -134,9 +93,7 @@ class TasoSFTTrainer(SFTTrainer):
             return
         output_dir = Path(output_dir or self.args.output_dir)
         model = self.accelerator.unwrap_model(self.model)
-        names = [n for n, _ in iter_adapters(model)]
-        source = state_dict if state_dict else model.state_dict()
-        save_safetensors(_adapter_entries(source, names), output_dir / WEIGHTS_NAME)
+        save_safetensors(state_dict or adapter_state(model), output_dir / WEIGHTS_NAME)
         write_json(output_dir / CONFIG_NAME, adapter_config(model, self.base_model_id, self.adapter_alpha))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)

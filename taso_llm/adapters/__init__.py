@@ -3,6 +3,6 @@ input columns and scattered into core output rows. The base layer is called, nev
 FSDP bases keep working. Structures are registered in `updates.UPDATES`."""
 
 from .updates import UPDATES, delta_weight
-from .wrap import SparseAdapterLinear, attach_updates, iter_adapters, unwrap_adapters
+from .wrap import SparseAdapterLinear, attach_updates, iter_adapters
 
-__all__ = ["UPDATES", "delta_weight", "SparseAdapterLinear", "attach_updates", "iter_adapters", "unwrap_adapters"]
+__all__ = ["UPDATES", "delta_weight", "SparseAdapterLinear", "attach_updates", "iter_adapters"]

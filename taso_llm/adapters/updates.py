@@ -25,6 +25,8 @@ def _register_indices(update: nn.Module, region: Region, device) -> None:
 class LoraBlockUpdate(nn.Module):
     """ΔW[R, C] = (alpha / r) · B A, with A: r × |C| (random init) and B: |R| × r (zero init)."""
 
+    structure = "lora_block"
+
     def __init__(self, region: Region, alpha: float, dtype: torch.dtype, device=None):
         super().__init__()
         self.rank, self.alpha = region.rank, float(alpha)
@@ -55,6 +57,8 @@ class LoraBlockUpdate(nn.Module):
 class DenseBlockUpdate(nn.Module):
     """ΔW[R, C] = D, a free |R| × |C| block, zero init."""
 
+    structure = "dense_block"
+
     def __init__(self, region: Region, alpha: float, dtype: torch.dtype, device=None):
         super().__init__()
         _register_indices(self, region, device)
@@ -79,6 +83,8 @@ class DenseBlockUpdate(nn.Module):
 class EntriesUpdate(nn.Module):
     """ΔW[rows[k], cols[k]] = values[k] at stored indices, zero init; the gradient exists only at those entries."""
 
+    structure = "entries"
+
     def __init__(self, region: Region, alpha: float, dtype: torch.dtype, device=None):
         super().__init__()
         _register_indices(self, region, device)
@@ -98,7 +104,7 @@ class EntriesUpdate(nn.Module):
         return a, b, 1.0
 
 
-UPDATES = {"lora_block": LoraBlockUpdate, "dense_block": DenseBlockUpdate, "entries": EntriesUpdate}
+UPDATES = {cls.structure: cls for cls in (LoraBlockUpdate, DenseBlockUpdate, EntriesUpdate)}
 
 
 def delta_weight(update: nn.Module) -> torch.Tensor:

@@ -81,9 +81,3 @@ def iter_adapters(model: nn.Module):
         if isinstance(module, SparseAdapterLinear):
             yield name, module
 
-
-def unwrap_adapters(model: nn.Module) -> nn.Module:
-    """Put the base layers back in place of their wrappers (the updates are dropped)."""
-    for name, module in list(iter_adapters(model)):
-        _set_submodule(model, name, module.base)
-    return model

@@ -3,7 +3,7 @@
 Why a script and not the recipe: accelerate ignores its FSDP plugin on CPU (the model is never wrapped), so this
 does what the plugin does on GPUs with launch/fsdp2.yaml, by hand: attach the adapters FIRST (so they are
 sharded with their layer), `fully_shard` every LlamaDecoderLayer and then the root on a CPU device mesh, train
-with a plain loop, gather the adapter with the library's `final_adapter_state` and write it from rank 0.
+with a plain loop, gather the adapter with the library's `gathered_adapter_state` and write it from rank 0.
 """
 
 import sys
@@ -23,7 +23,7 @@ from taso_llm.adapters import attach_updates  # noqa: E402
 from taso_llm.adapters_io import save_adapter  # noqa: E402
 from taso_llm.distributed import finish_distributed, process_group_timeout  # noqa: E402
 from taso_llm.masks import load_masks  # noqa: E402
-from taso_llm.train import final_adapter_state  # noqa: E402
+from taso_llm.distributed import gathered_adapter_state  # noqa: E402
 
 
 def main(base: str, masks: str, out: str) -> None:
@@ -65,7 +65,7 @@ def main(base: str, masks: str, out: str) -> None:
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=probe_ids()).logits.float()
-    state = final_adapter_state(model)  # collective: full_tensor() of every adapter DTensor
+    state = gathered_adapter_state(model)  # collective: full_tensor() of every adapter DTensor
     if rank == 0:
         print("losses", losses, flush=True)
         assert losses[-1] < losses[0], losses
