@@ -108,21 +108,21 @@ def make_batch(a, batch: int, seq: int, seed: int, prompt_frac: float = 0.0) -> 
 
 def calibrate(a):
     """TASO's selection stage as the recipe runs it: estimate_importance → choose_regions. Returns (regions, info)."""
-    from taso_llm.config import TasoArguments
-    from taso_llm.importance import estimate_importance
-    from taso_llm.methods.taso import choose_regions
+    from taso_llm.methods.taso import TasoArguments
+    from taso_llm.sparse.importance import estimate_importance
+    from taso_llm.sparse.select import SelectionSpec, choose_regions
     from taso_llm.targets import DEFAULT_TARGETS, find_targets
 
     model = build_base(a)
-    targs = TasoArguments(structure="lora_block", budget="rank1", adapter_rank=4)
+    targs = TasoArguments(taso_structure="lora_block", taso_adapter_rank=4)
     batches = [make_batch(a, a.calib_batch, a.calib_seq, seed=100 + i, prompt_frac=0.5)
                for i in range(a.calib_batches)]
     start = time.perf_counter()
     result = estimate_importance(model, find_targets(model, DEFAULT_TARGETS), batches, show_progress=False)
-    regions = choose_regions(result.stats, targs)
+    regions = choose_regions(result.stats, SelectionSpec("lora_block", rank=targs.taso_adapter_rank, budget="rank1"))
     info = {"importance_seconds": result.seconds, "select_seconds": time.perf_counter() - start,
-            "batches": result.batches, "tokens": result.tokens, "structure": targs.structure,
-            "budget": targs.budget, "adapter_rank": targs.adapter_rank, "alpha": targs.alpha,
+            "batches": result.batches, "tokens": result.tokens, "structure": targs.taso_structure,
+            "budget": "rank1", "adapter_rank": targs.taso_adapter_rank, "alpha": targs.alpha,
             "base_params": sum(p.numel() for p in model.parameters())}
     del model
     gc.collect()
@@ -266,7 +266,7 @@ def time_interleaved(a, variants: list[str], regions) -> dict:
 
 def expected_params(a, regions) -> dict:
     """What each variant should train, from shapes alone: TASO Σ r(|R|+|C|), LoRA r Σ (d_in + d_out)."""
-    from taso_llm.regions import lora_params
+    from taso_llm.sparse.regions import lora_params
 
     shapes = [tuple(r.shape) for r in regions.values()]
     return {"floor": 0, "taso": sum(r.num_params() for r in regions.values()),
@@ -365,7 +365,7 @@ def main(argv=None) -> dict | None:
         return profile(a, a.profile)
     if a.variant:  # child: measure one variant, hand back one JSON line
         warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT calls deprecated transformers helpers
-        from taso_llm.masks import load_masks
+        from taso_llm.sparse.masks import load_masks
 
         regions = load_masks(a.masks)[0] if a.variant == "taso" else None
         print(RESULT_MARK + json.dumps(measure_variant(a.variant, a, regions)), flush=True)
@@ -373,7 +373,7 @@ def main(argv=None) -> dict | None:
     torch.set_num_threads(a.threads)
     started = time.perf_counter()
     from taso_llm.io import write_json
-    from taso_llm.masks import save_masks
+    from taso_llm.sparse.masks import save_masks
     regions, calib = calibrate(a)
     print(f"base model: {calib['base_params'] / 1e6:.1f}M parameters, fp32, {a.device}; TASO selection "
           f"{calib['importance_seconds']:.1f} s importance on {calib['batches']} batches", flush=True)

@@ -73,11 +73,11 @@ def child(engine: str, samples: int, batch_size: int, model_dir: str, masks_out:
     from transformers import AutoTokenizer
 
     import importance_run as harness
-    from taso_llm.calibration import calibration_batches, num_calibration_batches
-    from taso_llm.config import TasoArguments
-    from taso_llm.distributed import rank_and_world
-    from taso_llm.masks import save_masks
-    from taso_llm.methods.taso import select_regions
+    from taso_llm.sparse.calibration import calibration_batches, num_calibration_batches
+    from taso_llm.distributed import Backend, rank_and_world
+    from taso_llm.methods.taso import TasoArguments
+    from taso_llm.sparse.masks import save_masks
+    from taso_llm.sparse.select import SelectionSpec, select_regions
     from taso_llm.targets import DEFAULT_TARGETS, find_targets
 
     if engine != "single":
@@ -87,16 +87,18 @@ def child(engine: str, samples: int, batch_size: int, model_dir: str, masks_out:
     data = harness.tokenized_rows(tokenizer, samples)
     model = harness.load_model(engine, model_dir, world)
     targets = find_targets(model, DEFAULT_TARGETS)
-    args = TasoArguments(calibration_samples=samples, calibration_batch_size=batch_size)
+    own = TasoArguments()
+    spec = SelectionSpec(own.taso_structure, rank=own.taso_adapter_rank)
     batches = list(calibration_batches(data, harness.collate_fn(tokenizer.pad_token_id), samples, batch_size,
                                        rank, world))  # collated up front: the timing is importance only
     if world > 1:
         dist.barrier()
     start = time.perf_counter()
     with PeakRSS() as mem:
-        regions, _, report = select_regions(model, targets, args, batches,
-                                            num_calibration_batches(len(data), samples, batch_size),
-                                            show_progress=False)
+        selection = select_regions(model, targets, own.statistic(), spec, batches,
+                                   num_calibration_batches(len(data), samples, batch_size), Backend.for_model(model),
+                                   show_progress=False)
+        regions, report = selection.regions, selection.report
     seconds = time.perf_counter() - start
     counted = sum(1 for b in batches if b["taso_counted"])
     local = [p.to_local() if hasattr(p, "to_local") else p.ds_tensor if hasattr(p, "ds_tensor") else p

@@ -37,7 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--no_chat_template", action="store_true", help="Plain-text prompts (base models).")
     p.add_argument("--with_nll", action="store_true", help="Math/code: also the reference answers' NLL.")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--output", default="results.json")
+    p.add_argument("--output", help="results JSON (default: results_<task>.json beside --adapter, else in the current "
+                                    "directory)")
     return p.parse_args(argv)
 
 
@@ -51,17 +52,12 @@ def load_model(model_name: str, adapter: str | None, dtype: str):
 
 
 def apply_adapter(model, adapter_dir: str):
-    config_path = Path(adapter_dir) / "adapter_config.json"
-    if not config_path.is_file():
+    """The adapter (or training output) in `adapter_dir` on `model`: the method that wrote it loads it."""
+    from taso_llm.methods import detect
+
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"--adapter {adapter_dir}: no adapter_config.json there")
-    if "peft_type" in json.loads(config_path.read_text()):
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, adapter_dir)
-    # TASO sparse adapter (taso_llm.adapters_io, imported here so evaluating a plain model does not need it).
-    from taso_llm.adapters_io import load_adapter
-
-    return load_adapter(model, adapter_dir)
+    return detect(adapter_dir).load_for_eval(Path(adapter_dir), lambda path=None: model)
 
 
 def load_split(args):
@@ -95,6 +91,8 @@ def main(argv=None):
                     with_nll=args.with_nll)
     if args.task == "math":
         opts["fewshot"] = fewshot_examples(splits["train"], args.num_fewshot)
+    if args.output is None:
+        args.output = str(Path(args.adapter or ".") / f"results_{args.task}.json")
     result = run_evaluation(model, tokenizer, splits[args.split], args.task, args.output, limit=args.limit, **opts)
     print(json.dumps({"task": result["task"], **result["metrics"]}, indent=2))
     print(f"wrote {args.output}")

@@ -1,4 +1,4 @@
-"""Turn a trained TASO adapter into what a serving stack wants.
+"""Turn a trained adapter into what a serving stack wants (methods that can: see docs/methods.md).
 
     python recipes/export.py --adapter outputs/tiny-instruct-taso --peft out/peft_lora   # PEFT LoRA (vLLM, TGI, ...)
     python recipes/export.py --adapter outputs/tiny-instruct-taso --merged out/merged    # plain HF model
@@ -13,9 +13,9 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from taso_llm.adapters_io import CONFIG_NAME, load_adapter
-from taso_llm.export import export_peft_lora, merge_adapters
+from taso_llm.adapters.io import CONFIG_NAME
 from taso_llm.loading import torch_dtype
+from taso_llm.methods import detect
 from taso_llm.tiny import resolve_model_path
 
 
@@ -34,13 +34,18 @@ def main():
     config = json.loads((Path(args.adapter) / CONFIG_NAME).read_text())
     base_id = args.base or config["base_model_name_or_path"]
     base_path = resolve_model_path(base_id)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype(args.dtype))
-    load_adapter(model, args.adapter)
+    method = detect(args.adapter)
+    if args.peft and not method.exports_peft_lora:
+        parser.error(f"--peft: method={method.name} has no exact PEFT LoRA export")
+    if args.merged and not method.mergeable:
+        parser.error(f"--merged: method={method.name} adapters are not merged here (docs/methods.md)")
+    model = method.load_for_eval(Path(args.adapter), lambda path=None: AutoModelForCausalLM.from_pretrained(
+        base_path, dtype=torch_dtype(args.dtype)))
     if args.peft:
-        info = export_peft_lora(model, args.peft, base_id)
+        info = method.export_peft(model, args.peft, base_id)
         print(f"PEFT LoRA adapter (r={info['r']}, {info['modules']} modules) -> {args.peft}")
     if args.merged:
-        merge_adapters(model).save_pretrained(args.merged)
+        method.merge(model).save_pretrained(args.merged)
         AutoTokenizer.from_pretrained(base_path).save_pretrained(args.merged)
         print(f"merged model -> {args.merged}")
 

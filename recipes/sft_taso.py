@@ -1,17 +1,15 @@
-"""TASO supervised fine-tuning.
+"""Supervised fine-tuning with any method of the registry (TASO by default; `--method` chooses).
 
     accelerate launch recipes/sft_taso.py                                      # embedded tiny default, CPU, minutes
     accelerate launch recipes/sft_taso.py --config recipes/configs/llama-3.1-8b/instruct_taso.yaml
     accelerate launch recipes/sft_taso.py --config ... --budget rank2 --learning_rate 5e-4   # any field from the CLI
+    accelerate launch recipes/sft_taso.py --method lora --lora_r 16                  # a baseline through the same path
 """
 
 import sys
 from pathlib import Path
 
-from trl import ModelConfig, SFTConfig, TrlParser
-
-from taso_llm.config import TasoArguments
-from taso_llm.data import DataArguments
+from taso_llm.config import sft_parser
 from taso_llm.distributed import configured_state_defaults, finish_distributed, init_distributed
 from taso_llm.run import run_sft
 
@@ -22,10 +20,10 @@ def main():
     if "--config" not in sys.argv:  # no config: the embedded default
         sys.argv[1:1] = ["--config", str(DEFAULT_CONFIG)]
     init_distributed()  # before the training arguments: on CPU they would set up a miscounting process group
-    parser = TrlParser((DataArguments, TasoArguments, SFTConfig, ModelConfig))
+    parser = sft_parser()  # data, shared method options, SFTConfig, ModelConfig, each method's own (taso_*, ...)
     parser.set_defaults(**configured_state_defaults())
-    data_args, taso_args, training_args, model_args = parser.parse_args_and_config()
-    run_sft(data_args, taso_args, training_args, model_args)
+    data_args, shared, training_args, model_args, *method_args = parser.parse_args_and_config()
+    run_sft(data_args, shared, training_args, model_args, *method_args)
     finish_distributed()
 
 

@@ -1,104 +1,93 @@
-"""TASO options, parsed by TRL's TrlParser beside SFTConfig, ModelConfig and DataArguments (YAML + CLI).
+"""Arguments every method shares, parsed by TRL's TrlParser beside SFTConfig, ModelConfig, DataArguments and each
+method's own prefixed dataclass (`taso_*`, ... in taso_llm/methods/<method>.py). YAML + CLI, as in TRL's scripts.
 
-Every field is checked by `validate_taso_args` against a meta-device copy of the model (no weights loaded), so a
-bad module name or an impossible budget stops the run before data loading, model loading or importance.
+Checked by `validate_shared_args` (and each method's `validate`) against a meta-device copy of the model, before
+data loading, model loading or importance.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from .regions import STRUCTURES, min_budget, parse_budget
+from .sparse.budget import BudgetPolicy
+from .sparse.regions import parse_budget
 from .targets import DEFAULT_TARGETS
 
 
 @dataclass
-class TasoArguments:
-    method: str = field(default="taso", metadata={"help": "Fine-tuning method (see taso_llm.methods.METHODS)."})
+class MethodArguments:
+    method: str = field(default="taso", metadata={"help": "Fine-tuning method (taso_llm.methods.METHODS; "
+                                                          "docs/methods.md says what each one does)."})
     target_modules: list[str] = field(
         default_factory=lambda: list(DEFAULT_TARGETS),
         metadata={"help": "Last name component of the linear layers to adapt (default: all 7 LLaMA projections)."})
     budget: str = field(
         default="rank1",
-        metadata={"help": "Trainable params per matrix: 'rank1' (d_in + d_out, a rank-1 LoRA), 'rankK' "
-                          "(K·(d_in + d_out)), or an integer."})
-    structure: str = field(
-        default="lora_block",
-        metadata={"help": "Core-region structure: lora_block (rank-r update on core rows × columns), "
-                          "dense_block, or entries (unstructured top importance)."})
-    adapter_rank: int = field(default=4, metadata={"help": "Rank r of the lora_block update; r·(|R|+|C|) ≤ budget."})
-    adapter_alpha: float | None = field(
-        default=None, metadata={"help": "Scale alpha of the lora_block update (alpha / r); default: r (scale 1)."})
+        metadata={"help": "Sparse methods: trainable params per matrix, 'rank1' (d_in + d_out, a rank-1 LoRA's), "
+                          "'rankK' (K·(d_in + d_out)), or an integer."})
+    budget_scope: str = field(
+        default="matrix",
+        metadata={"help": "'matrix': every matrix spends its own budget; 'model': the sum of the per-matrix budgets "
+                          "is spread across matrices by importance mass (sparse/budget.py)."})
+    budget_allocation: str = field(
+        default="proportional",
+        metadata={"help": "With budget_scope=model: share of the total ∝ 'proportional' (mass) or 'sqrt' (√mass)."})
+    budget_floor: float = field(
+        default=0.25, metadata={"help": "With budget_scope=model: least a matrix gets, as a fraction of its own "
+                                        "budget (0 lets a matrix go unwrapped)."})
+    budget_cap: float = field(
+        default=4.0, metadata={"help": "With budget_scope=model: most a matrix gets, as a multiple of its own budget."})
     calibration_samples: int = field(
-        default=256, metadata={"help": "Training sequences scored for importance (the first N of the train split)."})
-    calibration_batch_size: int = field(default=8, metadata={"help": "Sequences per importance batch."})
-    importance_abs: str = field(
-        default="per_batch",
-        metadata={"help": "'per_batch': sum over batches of |W⊙G_b| (default); 'after_sum': |W⊙ΣG_b| "
-                          "(keeps a full-size accumulator per matrix)."})
-    importance_checkpointing: bool = field(
-        default=True,
-        metadata={"help": "Recompute decoder layers in the importance backward (reentrant activation checkpointing), "
-                          "so scoring needs no more activation memory than checkpointed training."})
-    lr_scaling: str = field(
-        default="sqrt",
-        metadata={"help": "Sparsity-aware learning-rate multiplier: 'none', 'sqrt' ((d_in+d_out)/(|R|+|C|))^0.5 "
-                          "averaged over matrices, or a number."})
+        default=256, metadata={"help": "Methods that score weights: training sequences scored (the first N)."})
+    calibration_batch_size: int = field(default=8, metadata={"help": "Sequences per calibration batch."})
     masks_path: str | None = field(
-        default=None, metadata={"help": "Reuse a saved masks.safetensors instead of estimating importance."})
-    export_peft: bool = field(default=True, metadata={"help": "Also write the adapter as a PEFT LoRA (peft_lora/)."})
+        default=None, metadata={"help": "Sparse methods: reuse a saved masks.safetensors instead of selecting anew."})
+    export_peft: bool = field(default=True, metadata={
+        "help": "Also write the adapter as a PEFT LoRA (peft_lora/) when the method can do so exactly."})
     save_merged: bool = field(default=False, metadata={"help": "Also write base + adapter merged (merged/)."})
 
-    @property
-    def alpha(self) -> float:
-        return float(self.adapter_alpha) if self.adapter_alpha is not None else float(self.adapter_rank)
-
-    def needs_full_importance(self) -> bool:
-        return self.structure == "entries" or self.importance_abs == "after_sum"
+    def budget_policy(self) -> BudgetPolicy:
+        return BudgetPolicy(scope=self.budget_scope, rule=self.budget_allocation, floor=float(self.budget_floor),
+                            cap=float(self.budget_cap))
 
 
-def parse_lr_scaling(value: str) -> str | float:
-    text = str(value).strip().lower()
-    if text in ("none", "sqrt"):
-        return text
-    try:
-        number = float(text)
-    except ValueError:
-        raise ValueError(f"lr_scaling={value!r}: expected 'none', 'sqrt' or a positive number") from None
-    if not number > 0:
-        raise ValueError(f"lr_scaling={value!r}: must be positive")
-    return number
-
-
-def validate_taso_args(args: TasoArguments, shapes: dict[str, tuple[int, int]]) -> None:
+def validate_shared_args(args: MethodArguments, shapes: dict[str, tuple[int, int]]) -> None:
     """Cheap checks that need only layer names and shapes. `shapes` maps target module names to (d_out, d_in)."""
-    if args.structure not in STRUCTURES:
-        raise ValueError(f"structure={args.structure!r}: expected one of {list(STRUCTURES)}")
-    if args.importance_abs not in ("per_batch", "after_sum"):
-        raise ValueError(f"importance_abs={args.importance_abs!r}: expected 'per_batch' or 'after_sum'")
-    for name, value in (("adapter_rank", args.adapter_rank), ("calibration_samples", args.calibration_samples),
+    for name, value in (("calibration_samples", args.calibration_samples),
                         ("calibration_batch_size", args.calibration_batch_size)):
         if value < 1:
             raise ValueError(f"{name}={value}: must be at least 1")
-    parse_lr_scaling(args.lr_scaling)
-    need = min_budget(args.structure, args.adapter_rank)
-    for name, shape in shapes.items():
-        budget = parse_budget(args.budget, shape)
-        if budget < need:
-            raise ValueError(f"budget={args.budget!r} gives {budget} params for {name} {shape}, below the "
-                             f"{need} that structure={args.structure!r} with adapter_rank={args.adapter_rank} needs")
+    args.budget_policy().check()
+    for shape in list(shapes.values())[:1]:
+        parse_budget(args.budget, shape)
 
 
-def lr_multiplier(setting: str, regions) -> float:
-    """The chosen reading of TASO's sparsity-aware scaling (not public): the adapter learning rate grows with the
-    square root of how much narrower the core region is than a full rank-1 LoRA, (d_in+d_out)/(|R|+|C|)."""
-    mode = parse_lr_scaling(setting)
-    if mode == "none":
-        return 1.0
-    if isinstance(mode, float):
-        return mode
-    ratios = [(r.shape[0] + r.shape[1]) / max(1, len(r.rows) + len(r.cols)) if r.structure != "entries"
-              else (r.shape[0] + r.shape[1]) / max(1, len(set(r.rows.tolist())) + len(set(r.cols.tolist())))
-              for r in regions.values()]
-    return math.sqrt(sum(ratios) / len(ratios)) if ratios else 1.0
+def validate_training_args(training_args) -> None:
+    """The training arguments a run cannot use, stopped before any heavy work (transformers checks some of them
+    only when training starts, after importance has run)."""
+    checks = [
+        ("learning_rate", training_args.learning_rate, training_args.learning_rate > 0, "must be positive"),
+        ("per_device_train_batch_size", training_args.per_device_train_batch_size,
+         training_args.per_device_train_batch_size >= 1, "must be at least 1"),
+        ("gradient_accumulation_steps", training_args.gradient_accumulation_steps,
+         training_args.gradient_accumulation_steps >= 1, "must be at least 1"),
+        ("num_train_epochs", training_args.num_train_epochs,
+         training_args.max_steps > 0 or training_args.num_train_epochs > 0,
+         "must be positive (or set max_steps): the run would end with an untrained adapter"),
+        ("max_length", training_args.max_length, training_args.max_length is None or training_args.max_length >= 2,
+         "must be at least 2 tokens"),
+    ]
+    for name, value, ok, why in checks:
+        if not ok:
+            raise ValueError(f"{name}={value}: {why}")
+
+
+def sft_parser():
+    """The recipe's TrlParser: data, shared method arguments, SFTConfig, ModelConfig, then every method's own
+    prefixed dataclass (parse_args_and_config returns them in this order)."""
+    from trl import ModelConfig, SFTConfig, TrlParser
+
+    from .data import DataArguments
+    from .methods import argument_classes
+
+    return TrlParser((DataArguments, MethodArguments, SFTConfig, ModelConfig, *argument_classes()))

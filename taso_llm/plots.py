@@ -14,7 +14,9 @@ def plot_run(metrics: dict, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_region) = plt.subplots(1, 2, figsize=(11, 4))
+    layers = metrics.get("layers") or {}
+    fig, axes = plt.subplots(1, 3 if layers else 2, figsize=(16 if layers else 11, 4))
+    ax_loss, ax_region = axes[0], axes[1]
     for key, label in (("loss_curve", "train"), ("eval_loss_curve", "validation")):
         curve = metrics.get(key) or []
         if curve:
@@ -41,7 +43,28 @@ def plot_run(metrics: dict, path: str | Path) -> None:
     ax_region.set_xticks(range(len(kinds)), kinds, rotation=30)
     ax_region.set(ylim=(0, 1), title="core regions (mean over layers)")
     ax_region.legend(fontsize=8)
+    if layers:
+        _plot_allocation(axes[2], layers)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def _layer_index(name: str) -> int:
+    """The decoder layer number in a module name (`model.layers.7.self_attn.q_proj` → 7), -1 if none."""
+    parts = name.split(".")
+    return next((int(p) for p in parts if p.isdigit()), -1)
+
+
+def _plot_allocation(ax, layers: dict) -> None:
+    """Trainable parameters per decoder layer × module type: where the budget went (model-wide allocation moves it)."""
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in layers})
+    depth = sorted({_layer_index(n) for n in layers})
+    grid = [[0.0] * len(kinds) for _ in depth]
+    for name, layer in layers.items():
+        grid[depth.index(_layer_index(name))][kinds.index(name.rsplit(".", 1)[-1])] += layer.get("params", 0)
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=30)
+    ax.set(ylabel="decoder layer", title="trainable params per layer and module")
+    ax.figure.colorbar(image, ax=ax, fraction=0.046)

@@ -1,28 +1,29 @@
 """One SFT run, start to finish: validate → data → model → trainer → method.prepare → train → outputs.
 
-`recipes/sft_taso.py` parses the four argument dataclasses and calls `run_sft`; everything it does is here, in
-the order it happens.
+`recipes/sft_taso.py` parses the argument dataclasses (data, shared method arguments, every method's own prefixed
+arguments, SFTConfig, ModelConfig) and calls `run_sft`; everything it does is here, in the order it happens. The
+method object decides what to select, attach, save and export: this file never names a method.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import time
 from pathlib import Path
 
 from accelerate import PartialState
 
-from .calibration import calibration_batches, num_calibration_batches
-from .config import TasoArguments
+from .config import MethodArguments, validate_shared_args, validate_training_args
 from .data import DataArguments, apply_length_policy, load_sft_splits
-from .export import standalone_model
+from .distributed import gathered_adapter_state
 from .io import write_json
 from .loading import load_model_and_tokenizer, target_shapes
-from .methods import get_method
-from .methods.taso import MASKS_FILE
+from .methods import Method, RunContext, get_method
 from .plots import plot_run
+from .sparse.calibration import calibration_batches, num_calibration_batches
 from .tiny import resolve_model_path
-from .distributed import gathered_adapter_state
 from .train import MetricsCallback, build_trainer, engine_info, peak_memory_bytes
 
 log = logging.getLogger("taso_llm")
@@ -33,16 +34,6 @@ def setup_logging(is_main: bool) -> None:
                         level=logging.INFO if is_main else logging.WARNING)
 
 
-def _resume_masks(taso_args: TasoArguments, training_args) -> None:
-    """A resumed run reuses the masks it chose the first time (never re-estimates: the data order may differ)."""
-    saved = Path(training_args.output_dir) / MASKS_FILE
-    if training_args.resume_from_checkpoint and not taso_args.masks_path:
-        if not saved.is_file():
-            raise FileNotFoundError(f"resume_from_checkpoint is set but {saved} does not exist; "
-                                    "cannot rebuild the adapter structure this run was trained with")
-        taso_args.masks_path = str(saved)
-
-
 def _resolve_checkpoint(value):
     """`--resume_from_checkpoint true` means the latest checkpoint in output_dir (as in HF examples)."""
     if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
@@ -50,18 +41,41 @@ def _resolve_checkpoint(value):
     return value
 
 
-def run_sft(data_args: DataArguments, taso_args: TasoArguments, training_args, model_args) -> dict:
+def method_options(method: Method, method_args: list) -> object | None:
+    """The chosen method's own arguments; another method's field set away from its default is an error (it would
+    be silently ignored otherwise)."""
+    own = None
+    for args in method_args:
+        if type(args) is method.args_class:
+            own = args
+            continue
+        for f in dataclasses.fields(args):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if getattr(args, f.name) != default:
+                raise ValueError(f"{f.name}={getattr(args, f.name)!r} is an option of another method; "
+                                 f"method={method.name} does not use it")
+    if own is None and method.args_class is not None:
+        own = method.args_class()
+    return own
+
+
+def run_sft(data_args: DataArguments, shared: MethodArguments, training_args, model_args, *method_args) -> dict:
     state = PartialState()
     setup_logging(state.is_main_process)
+    start = time.perf_counter()
     model_id = model_args.model_name_or_path
-    model_path = resolve_model_path(model_id)
-    method = get_method(taso_args.method)
+    method = get_method(shared.method)
+    own = method_options(method, list(method_args))
     training_args.resume_from_checkpoint = _resolve_checkpoint(training_args.resume_from_checkpoint)
-    _resume_masks(taso_args, training_args)
+    if training_args.resume_from_checkpoint:
+        method.resume_check(shared, own, Path(training_args.output_dir))
 
-    # Cheap checks first: names and shapes from a weightless copy, then data validation.
-    shapes = target_shapes(model_path, taso_args.target_modules, model_args.model_revision)
-    method.validate(taso_args, shapes, model_args)
+    # Cheap checks first: arguments, names and shapes from a weightless copy, then data validation.
+    validate_training_args(training_args)
+    model_path = resolve_model_path(model_id)
+    shapes = target_shapes(model_path, shared.target_modules, model_args.model_revision)
+    validate_shared_args(shared, shapes)
+    method.validate(shared, own, shapes, model_args)
     splits = load_sft_splits(data_args, seed=training_args.seed)
 
     model, tokenizer = load_model_and_tokenizer(model_args)
@@ -71,36 +85,42 @@ def run_sft(data_args: DataArguments, taso_args: TasoArguments, training_args, m
 
     metrics_cb = MetricsCallback()
     trainer = build_trainer(model, tokenizer, train_ds, eval_ds, training_args, base_model_id=model_id,
-                            adapter_alpha=taso_args.alpha, callbacks=[metrics_cb])
-    n_batches = num_calibration_batches(len(trainer.train_dataset), taso_args.calibration_samples,
-                                        taso_args.calibration_batch_size)
-    calibration = lambda: calibration_batches(  # noqa: E731 (read lazily: skipped when masks are reused)
-        trainer.train_dataset, trainer.data_collator, taso_args.calibration_samples,
-        taso_args.calibration_batch_size, rank=state.process_index, world_size=state.num_processes)
-    report = method.prepare(trainer.model, taso_args, calibration, n_batches, training_args.output_dir, model_id,
-                            is_main=state.is_main_process, model_args=model_args)
+                            callbacks=[metrics_cb])
+    ctx = RunContext(
+        output_dir=Path(training_args.output_dir), model_id=model_id, model_args=model_args,
+        is_main=state.is_main_process, seed=training_args.seed,
+        num_calibration_batches=num_calibration_batches(len(trainer.train_dataset), shared.calibration_samples,
+                                                        shared.calibration_batch_size),
+        calibration=lambda: calibration_batches(  # read lazily: skipped when masks are reused
+            trainer.train_dataset, trainer.data_collator, shared.calibration_samples, shared.calibration_batch_size,
+            rank=state.process_index, world_size=state.num_processes))
+    report = method.prepare(trainer.model, shared, own, ctx)
     base_lr = training_args.learning_rate
-    trainer.args.learning_rate = base_lr * report.get("lr_multiplier", 1.0)
+    trainer.args.learning_rate = base_lr * report.lr_multiplier
 
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     out = Path(training_args.output_dir)
-    own_format = hasattr(method, "save")  # TASO writes its own adapter format; baselines save as the Trainer does
-    if own_format:
+    if method.own_adapter_format:
         adapter = gathered_adapter_state(trainer.accelerator.unwrap_model(trainer.model))  # collective: all ranks
         if state.is_main_process:
-            method.save(trainer.model, out, taso_args, model_id, state=adapter)
+            method.save(trainer.model, out, shared, own, model_id, state=adapter)
     else:
         trainer.save_model(str(out))
-    metrics = {"method": taso_args.method, "model": model_id, **engine_info(trainer),
+    metrics = {"method": method.name, "model": model_id, **engine_info(trainer),
                **_metrics(report, result, metrics_cb, trainer, base_lr, length_stats, len(train_ds))}
     if eval_ds is not None:  # every rank: evaluation gathers losses across ranks
         metrics["eval_loss"] = trainer.evaluate().get("eval_loss")
     if state.is_main_process:
-        _extra_outputs(standalone_model(trainer.model, out, model_args) if own_format else trainer.model,
-                       taso_args, out, model_id, tokenizer, metrics)
+        if method.own_adapter_format:
+            from .adapters.export import standalone_model
+
+            _extra_outputs(method, standalone_model(trainer.model, out, model_args), shared, out, model_id, tokenizer,
+                           metrics)
         write_json(out / "metrics.json", metrics)
         plot_run(metrics, out / "training.png")
-        log.info("wrote %s (adapter%s, metrics.json, training.png)", out, ", masks" if own_format else "")
+        log.info("done in %.0f s: method=%s, %d trainable params, final train loss %s; outputs in %s",
+                 time.perf_counter() - start, method.name, metrics["trainable_params"],
+                 f"{metrics['last_train_loss']:.4f}" if metrics["last_train_loss"] is not None else "n/a", out)
     state.wait_for_everyone()
     return metrics
 
@@ -109,7 +129,7 @@ def _metrics(report, result, cb: MetricsCallback, trainer, base_lr, length_stats
     train_seconds = cb.seconds or result.metrics.get("train_runtime", 0.0)
     losses = [loss for _, loss in cb.losses]
     return {
-        **{k: v for k, v in report.items() if k != "layers"},
+        **report.to_metrics(),
         "first_train_loss": losses[0] if losses else None,
         "last_train_loss": losses[-1] if losses else None,
         # From the logged per-step losses: the Trainer's own aggregate differs under DeepSpeed.
@@ -126,18 +146,17 @@ def _metrics(report, result, cb: MetricsCallback, trainer, base_lr, length_stats
         "length_policy": length_stats,
         "world_size": trainer.args.world_size,
         **peak_memory_bytes(),
-        "layers": report.get("layers", {}),
+        "layers": report.layers,
     }
 
 
-def _extra_outputs(model, taso_args: TasoArguments, out: Path, model_id: str, tokenizer, metrics: dict) -> None:
+def _extra_outputs(method: Method, model, shared: MethodArguments, out: Path, model_id: str, tokenizer,
+                   metrics: dict) -> None:
     """The PEFT LoRA export and the merged model, when asked for. Merge goes last: it removes the wrappers."""
-    from .export import export_peft_lora, merge_adapters
-
-    if taso_args.export_peft and taso_args.method == "taso":
-        metrics["peft_export"] = export_peft_lora(model, out / "peft_lora", model_id)
-    if taso_args.save_merged:
-        merged = merge_adapters(model)
+    if shared.export_peft and method.exports_peft_lora:
+        metrics["peft_export"] = method.export_peft(model, out / "peft_lora", model_id)
+    if shared.save_merged:
+        merged = method.merge(model)
         merged.save_pretrained(out / "merged")
         tokenizer.save_pretrained(out / "merged")
         metrics["merged_dir"] = str(out / "merged")

@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from .adapters import iter_adapters
-from .adapters_io import CONFIG_NAME, WEIGHTS_NAME, adapter_config, adapter_state, read_adapter
+from .adapters.io import CONFIG_NAME, WEIGHTS_NAME, adapter_config, adapter_state, index_names, read_adapter
 from .distributed import gathered_adapter_state
 from .io import save_safetensors, write_json
 
@@ -68,12 +68,12 @@ def engine_info(trainer) -> dict:
     return info
 
 
-class TasoSFTTrainer(SFTTrainer):
+class AdapterSFTTrainer(SFTTrainer):
     """SFTTrainer whose checkpoints of a sparse-adapter model contain the adapter only."""
 
-    def __init__(self, *args, base_model_id: str = "", adapter_alpha: float = 1.0, **kwargs):
+    def __init__(self, *args, base_model_id: str = "", **kwargs):
         super().__init__(*args, **kwargs)
-        self.base_model_id, self.adapter_alpha = base_model_id, adapter_alpha
+        self.base_model_id = base_model_id
 
     def _has_adapters(self) -> bool:
         return any(True for _ in iter_adapters(self.accelerator.unwrap_model(self.model)))
@@ -94,7 +94,7 @@ class TasoSFTTrainer(SFTTrainer):
         output_dir = Path(output_dir or self.args.output_dir)
         model = self.accelerator.unwrap_model(self.model)
         save_safetensors(state_dict or adapter_state(model), output_dir / WEIGHTS_NAME)
-        write_json(output_dir / CONFIG_NAME, adapter_config(model, self.base_model_id, self.adapter_alpha))
+        write_json(output_dir / CONFIG_NAME, adapter_config(model, self.base_model_id))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
@@ -106,11 +106,15 @@ class TasoSFTTrainer(SFTTrainer):
         for name, wrapper in iter_adapters(model):
             if name not in config["modules"]:
                 raise ValueError(f"{resume_from_checkpoint}: checkpoint has no adapter for {name}")
-            for key in ("rows", "cols"):
-                if not torch.equal(state[f"{name}.{key}"].long().cpu(), getattr(wrapper.update, key).cpu()):
+            for key in index_names(wrapper.update):
+                saved = state.get(f"{name}.{key}")
+                if saved is None or not torch.equal(saved.long().cpu(), getattr(wrapper.update, key).cpu()):
                     raise ValueError(f"{resume_from_checkpoint}: {name}.{key} differ from this run's masks")
             with torch.no_grad():
                 for key, param in wrapper.update.named_parameters():
+                    if f"{name}.{key}" not in state:
+                        raise ValueError(f"{resume_from_checkpoint}: checkpoint lacks {name}.{key} (incomplete "
+                                         "checkpoint? delete it to resume from the one before)")
                     param.copy_(state[f"{name}.{key}"])
         log.info("resumed adapter values from %s", resume_from_checkpoint)
 
@@ -130,12 +134,11 @@ def _zero3_settings(model, training_args) -> None:
 
 
 def build_trainer(model, tokenizer, train_dataset, eval_dataset, training_args, base_model_id: str,
-                  adapter_alpha: float = 1.0, callbacks=None) -> TasoSFTTrainer:
+                  callbacks=None) -> AdapterSFTTrainer:
     if getattr(model, "is_quantized", False):
         # transformers refuses a quantized model without adapters; ours are attached after importance,
         # before the optimizer exists, so declare them now.
         model._hf_peft_config_loaded = True
     _zero3_settings(model, training_args)
-    return TasoSFTTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                          processing_class=tokenizer, callbacks=callbacks, base_model_id=base_model_id,
-                          adapter_alpha=adapter_alpha)
+    return AdapterSFTTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                          processing_class=tokenizer, callbacks=callbacks, base_model_id=base_model_id)

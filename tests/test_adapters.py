@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from taso_llm.adapters import SparseAdapterLinear, UPDATES, delta_weight
-from taso_llm.regions import Region
+from taso_llm.sparse.regions import Region
 
 
 def _region(structure, d_out=12, d_in=10, rank=3, seed=0):

@@ -5,13 +5,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from trl import ModelConfig, SFTConfig, TrlParser
-
-from taso_llm.config import TasoArguments, validate_taso_args
-from taso_llm.data import DataArguments
+from taso_llm.config import sft_parser, validate_shared_args
 from taso_llm.data.formats import FORMATS
-from taso_llm.methods import METHODS
-from taso_llm.regions import parse_budget
+from taso_llm.methods import METHODS, get_method
+from taso_llm.run import method_options
+from taso_llm.sparse.regions import parse_budget
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
@@ -26,7 +24,8 @@ def parse(path: Path):
     argv = ["--config", str(path), "--output_dir", "/tmp/unused"]
     if yaml.safe_load(path.read_text()).get("bf16"):
         argv += ["--bf16", "false"]  # CPU: SFTConfig refuses bf16 without a bf16-capable device
-    return TrlParser((DataArguments, TasoArguments, SFTConfig, ModelConfig)).parse_args_and_config(argv)
+    data, shared, train, model, *own = sft_parser().parse_args_and_config(argv)
+    return data, shared, train, model, method_options(get_method(shared.method), own)
 
 
 def test_every_model_task_method_exists():
@@ -39,11 +38,12 @@ def test_every_model_task_method_exists():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_recipe_parses_and_fields_are_valid(path):
-    data, taso, train, model = parse(path)
+    data, taso, train, model, own = parse(path)
     assert taso.method in METHODS
     assert data.dataset_format == "auto" or data.dataset_format in FORMATS
     assert parse_budget(taso.budget, (64, 64)) > 0
-    validate_taso_args(taso, {"probe": (4096, 4096)})  # structure, rank, importance_abs, lr_scaling
+    validate_shared_args(taso, {"probe": (4096, 4096)})
+    get_method(taso.method).validate(taso, own, {"probe": (4096, 4096)}, model)  # structure, rank, lr_scaling, ...
     task, method = path.stem.rsplit("_", 1) if not path.stem.endswith("lora_r1") else (path.stem[:-8], "lora_r1")
     assert train.output_dir == "/tmp/unused" and train.learning_rate > 0
     if path.parent.name == "tiny":
@@ -67,8 +67,8 @@ def test_recipe_parses_and_fields_are_valid(path):
         assert taso.method == "lora" and model.lora_r == 1 and not model.load_in_4bit
         assert set(model.lora_target_modules) == PROJECTIONS
     if method == "taso":
-        assert taso.method == "taso" and taso.budget == "rank1" and taso.structure == "lora_block"
-        assert taso.adapter_rank == 4 and set(taso.target_modules) == PROJECTIONS
+        assert taso.method == "taso" and taso.budget == "rank1" and own.taso_structure == "lora_block"
+        assert own.taso_adapter_rank == 4 and set(taso.target_modules) == PROJECTIONS
 
 
 def test_recipes_and_data_match_the_generator(tmp_path):

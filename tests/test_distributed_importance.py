@@ -12,14 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from taso_llm.calibration import rank_batch_indices
-from taso_llm.distributed import assign_owners
-from taso_llm.importance import BATCH_INDEX, COUNTED, estimate_importance, ordered_sum
+from taso_llm.sparse.calibration import rank_batch_indices
+from taso_llm.distributed.reduce import assign_owners
+from taso_llm.sparse.importance import BATCH_INDEX, COUNTED, estimate_importance, ordered_sum
 from taso_llm.targets import DEFAULT_TARGETS, find_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "dist" / "importance_run.py"
-CASES = ("even", "odd", "after_sum")  # as in tests/dist/importance_run.py
+CASES = ("even", "odd", "after_sum", "model_budget")  # as in tests/dist/importance_run.py
 
 
 # ------------------------------------------------------------------------------------------- no processes
@@ -148,3 +148,7 @@ def test_two_processes_match_one(single_run, tmp_path, engine):
         assert report["importance_world_size"] == 2
         assert report["importance_batches"] == expected_report["importance_batches"]  # padding batch not counted
         assert report["importance_tokens"] == expected_report["importance_tokens"]
+        allocated = {k: v for k, v in report["budget_allocation"].items() if k != "by_module"}
+        assert allocated == {k: v for k, v in expected_report["budget_allocation"].items() if k != "by_module"}
+        if bitwise:  # the allocation is a function of the owners' masses: bitwise equal wherever the stats are
+            assert report["budget_allocation"] == expected_report["budget_allocation"]

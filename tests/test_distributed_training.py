@@ -61,7 +61,7 @@ def _logits_of_saved_adapter(tiny_path, adapter_dir: Path, **load_kwargs) -> tor
     """Load the adapter onto a fresh base in this (single) process and run the probe batch."""
     from transformers import AutoModelForCausalLM
 
-    from taso_llm.adapters_io import load_adapter
+    from taso_llm.adapters.io import load_adapter
 
     sys.path.insert(0, str(RECIPE.parent))
     from train_recipe import probe_ids

@@ -55,8 +55,8 @@ def test_cli_taso_adapter_changes_the_model(cli, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from taso_llm.adapters import attach_updates, iter_adapters
-    from taso_llm.adapters_io import save_adapter
-    from taso_llm.regions import Region
+    from taso_llm.adapters.io import save_adapter
+    from taso_llm.sparse.regions import Region
     from taso_llm.tiny import tiny_model_path
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path())
@@ -66,7 +66,7 @@ def test_cli_taso_adapter_changes_the_model(cli, tmp_path):
         for _, wrapper in iter_adapters(model):
             for p in wrapper.update.parameters():
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
-    save_adapter(model, tmp_path / "adapter", base_model="taso-tiny", alpha=1.0)
+    save_adapter(model, tmp_path / "adapter", base_model="taso-tiny")
 
     args = ["--task", "instruct", "--limit", "2"]
     plain = cli.main(args + ["--output", str(tmp_path / "plain.json")])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from taso_llm.importance import estimate_importance
+from taso_llm.sparse.importance import estimate_importance
 from taso_llm.targets import DEFAULT_TARGETS, find_targets
 
 

@@ -8,11 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import ModelConfig, SFTConfig, TrlParser
-
-from taso_llm.adapters_io import load_adapter
-from taso_llm.config import TasoArguments
-from taso_llm.data import DataArguments
+from taso_llm.adapters.io import load_adapter
+from taso_llm.config import sft_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sft_taso.py"
@@ -20,14 +17,13 @@ DEFAULT = ROOT / "recipes" / "configs" / "tiny" / "instruct_taso.yaml"
 
 
 def _parse(argv):
-    parser = TrlParser((DataArguments, TasoArguments, SFTConfig, ModelConfig))
-    return parser.parse_args_and_config(argv)
+    return sft_parser().parse_args_and_config(argv)
 
 
 def test_yaml_and_cli_override_parse():
-    data, taso, train, model = _parse(["--config", str(DEFAULT), "--budget", "rank2", "--adapter_rank", "2",
-                                       "--output_dir", "/tmp/x", "--target_modules", "q_proj", "v_proj"])
-    assert taso.budget == "rank2" and taso.adapter_rank == 2 and taso.structure == "lora_block"
+    data, taso, train, model, own = _parse(["--config", str(DEFAULT), "--budget", "rank2", "--taso_adapter_rank",
+                                            "2", "--output_dir", "/tmp/x", "--target_modules", "q_proj", "v_proj"])
+    assert taso.budget == "rank2" and own.taso_adapter_rank == 2 and own.taso_structure == "lora_block"
     assert taso.target_modules == ["q_proj", "v_proj"]
     assert model.model_name_or_path == "taso-tiny" and data.dataset_name == "taso-tiny"
     assert train.output_dir == "/tmp/x" and train.max_length == 256
@@ -36,22 +32,28 @@ def test_yaml_and_cli_override_parse():
 @pytest.fixture
 def no_heavy_work(monkeypatch):
     """Fail loudly if a bad config got as far as loading weights or scoring importance."""
-    import taso_llm.methods.taso as taso_method
     import taso_llm.run as run
+    import taso_llm.sparse.statistics as statistics
 
     def boom(*a, **k):
         raise AssertionError("heavy work started before the config was rejected")
 
     monkeypatch.setattr(run, "load_model_and_tokenizer", boom)
-    monkeypatch.setattr(taso_method, "estimate_importance", boom)
+    monkeypatch.setattr(statistics, "estimate_importance", boom)
 
 
 @pytest.mark.parametrize("override, message", [
     (["--target_modules", "q_proj", "qkv_proj"], "qkv_proj"),
-    (["--budget", "3", "--adapter_rank", "4"], "budget='3'"),
-    (["--structure", "diagonal"], "structure='diagonal'"),
+    (["--budget", "3", "--taso_adapter_rank", "4"], "budget='3'"),
+    (["--taso_structure", "diagonal"], "taso_structure='diagonal'"),
     (["--method", "lora", "--save_merged", "true"], "save_merged"),
     (["--method", "dora"], "method='dora'"),
+    (["--method", "lora", "--taso_structure", "entries"], "taso_structure='entries' is an option of another"),
+    (["--budget_scope", "layer"], "budget_scope='layer'"),
+    (["--budget_scope", "model", "--budget_floor", "2"], "budget_floor=2"),
+    (["--learning_rate", "-1"], "learning_rate=-1"),
+    (["--per_device_train_batch_size", "0"], "per_device_train_batch_size=0"),
+    (["--num_train_epochs", "0"], "num_train_epochs=0"),
     (["--dataset_name", "{missing}"], "output"),
 ])
 def test_bad_config_stops_early_and_names_it(tmp_path, no_heavy_work, override, message):

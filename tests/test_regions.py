@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from taso_llm.regions import choose_region, parse_budget
+from taso_llm.sparse.regions import choose_region, parse_budget
 
 
 def _planted(d_out=40, d_in=60, rows=(3, 17, 29), cols=(5, 11, 42, 58), seed=0):

@@ -7,12 +7,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from taso_llm.adapters import attach_updates, iter_adapters
-from taso_llm.adapters_io import load_adapter, save_adapter
-from taso_llm.config import TasoArguments
-from taso_llm.export import export_peft_lora, merge_adapters
-from taso_llm.importance import estimate_importance
-from taso_llm.masks import check_masks_fit, load_masks, save_masks
-from taso_llm.methods.taso import choose_regions
+from taso_llm.adapters.io import load_adapter, save_adapter
+from taso_llm.adapters.export import export_peft_lora, merge_adapters
+from taso_llm.sparse.importance import estimate_importance
+from taso_llm.sparse.masks import check_masks_fit, load_masks, save_masks
+from taso_llm.methods.taso import TasoArguments
+from taso_llm.sparse.select import SelectionSpec, choose_regions
 from taso_llm.targets import DEFAULT_TARGETS, find_targets, layer_shape
 
 IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46], [1, 50, 51, 52, 53, 54, 55, 56]])
@@ -25,8 +25,8 @@ def _trained_like(model, structure="lora_block", rank=4, seed=0):
     labels[:, :3] = -100
     stats = estimate_importance(model, targets, [{"input_ids": IDS, "labels": labels}],
                                 keep="full" if structure == "entries" else "rowcol", show_progress=False).stats
-    args = TasoArguments(structure=structure, adapter_rank=rank)
-    regions = choose_regions(stats, args)
+    args = TasoArguments(taso_structure=structure, taso_adapter_rank=rank)
+    regions = choose_regions(stats, SelectionSpec(structure, rank=rank))
     attach_updates(model, regions, alpha=args.alpha)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -44,7 +44,7 @@ def test_save_load_merge_export_agree(tiny_model, tiny_path, tmp_path, structure
         base_out = AutoModelForCausalLM.from_pretrained(tiny_path)(IDS).logits
     assert (expected - base_out).abs().max() > 1e-3  # the adapter does something
 
-    save_adapter(tiny_model, tmp_path / "adapter", base_model=str(tiny_path), alpha=args.alpha)
+    save_adapter(tiny_model, tmp_path / "adapter", base_model=str(tiny_path))
     loaded = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_path), tmp_path / "adapter")
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits, expected)  # exact, not approximate

@@ -4,10 +4,11 @@ parameters only, and the learning-rate multiplier applied."""
 import torch
 from trl import SFTConfig
 
-from taso_llm.calibration import calibration_batches
-from taso_llm.config import TasoArguments
+from taso_llm.sparse.calibration import calibration_batches
+from taso_llm.config import MethodArguments
 from taso_llm.data import DataArguments, load_sft_splits
-from taso_llm.methods import taso
+from taso_llm.methods import RunContext, get_method
+from taso_llm.methods.taso import TasoArguments
 from taso_llm.train import build_trainer
 
 
@@ -37,9 +38,10 @@ def test_calibration_batches_mask_prompts(tiny_model, tiny_tokenizer, tmp_path):
 
 def test_optimizer_holds_adapter_params_only(tiny_model, tiny_tokenizer, tmp_path):
     trainer = _trainer(tiny_model, tiny_tokenizer, tmp_path)
-    args = TasoArguments(calibration_samples=16, calibration_batch_size=8)
-    calib = lambda: calibration_batches(trainer.train_dataset, trainer.data_collator, 16, 8)  # noqa: E731
-    report = taso.prepare(trainer.model, args, calib, 2, tmp_path, "taso-tiny", show_progress=False)
+    shared = MethodArguments(calibration_samples=16, calibration_batch_size=8)
+    ctx = RunContext(output_dir=tmp_path, model_id="taso-tiny", show_progress=False, num_calibration_batches=2,
+                     calibration=lambda: calibration_batches(trainer.train_dataset, trainer.data_collator, 16, 8))
+    report = get_method("taso").prepare(trainer.model, shared, TasoArguments(), ctx).to_metrics()
     optimizer = trainer.create_optimizer()
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     adapter = {id(p) for n, p in trainer.model.named_parameters() if ".update." in n}

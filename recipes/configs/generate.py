@@ -43,9 +43,9 @@ TINY_DATA_ROWS = {"math": (400, 0), "code": (400, 0)}  # rows, seed of taso_llm.
 LORA = dict(lora_target_modules=PROJECTIONS, lora_dropout=0.05)
 GPU_METHODS = {
     # TASO: rank-1 budget per matrix, rank-4 block; sqrt LR scaling multiplies learning_rate (≈ x2 for lora_block r=4).
-    "taso": dict(method="taso", target_modules=PROJECTIONS, budget="rank1", structure="lora_block", adapter_rank=4,
-                 calibration_samples=256, calibration_batch_size=4, importance_abs="per_batch", lr_scaling="sqrt",
-                 learning_rate=5.0e-4),
+    "taso": dict(method="taso", target_modules=PROJECTIONS, budget="rank1", budget_scope="matrix",
+                 calibration_samples=256, calibration_batch_size=4, taso_structure="lora_block", taso_adapter_rank=4,
+                 taso_importance_abs="per_batch", taso_lr_scaling="sqrt", learning_rate=5.0e-4),
     # QLoRA as peers publish it: nf4 + double quant, bf16 compute (= the bf16 load dtype), r16/a32/d0.05, lr 2e-4.
     "qlora": dict(method="lora", load_in_4bit=True, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True,
                   lora_r=16, lora_alpha=32, **LORA, learning_rate=2.0e-4),
@@ -53,8 +53,9 @@ GPU_METHODS = {
     "lora_r1": dict(method="lora", lora_r=1, lora_alpha=2, **LORA, learning_rate=5.0e-4),
 }
 TINY_METHODS = {
-    "taso": dict(method="taso", budget="rank1", structure="lora_block", adapter_rank=4, calibration_samples=128,
-                 calibration_batch_size=16, lr_scaling="sqrt", learning_rate=3.0e-3),
+    "taso": dict(method="taso", budget="rank1", budget_scope="matrix", calibration_samples=128,
+                 calibration_batch_size=16, taso_structure="lora_block", taso_adapter_rank=4, taso_lr_scaling="sqrt",
+                 learning_rate=3.0e-3),
     "qlora": dict(method="lora", load_in_4bit=True, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True,
                   lora_r=16, lora_alpha=32, **LORA, learning_rate=2.0e-3),
     "lora_r1": dict(method="lora", lora_r=1, lora_alpha=2, **LORA, learning_rate=3.0e-3),

@@ -12,14 +12,15 @@ import math
 import torch
 from torch import nn
 
-from ..regions import Region
+from ..sparse.regions import Region
 
 
 def _register_indices(update: nn.Module, region: Region, device) -> None:
-    """Core rows/cols as buffers: they move with .to() and land in state_dict, but are never trained."""
+    """The region's index vectors as buffers: they move with .to() and land in state_dict, but are never trained.
+    An update's buffers are exactly its indices (adapters/io.py stores every buffer as int32)."""
     update.shape = region.shape
-    update.register_buffer("rows", region.rows.to(device=device, dtype=torch.long))
-    update.register_buffer("cols", region.cols.to(device=device, dtype=torch.long))
+    for name, index in region.index_tensors().items():
+        update.register_buffer(name, index.to(device=device, dtype=torch.long))
 
 
 class LoraBlockUpdate(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..regions import Region
+from ..sparse.regions import Region
 from .updates import UPDATES
 
 

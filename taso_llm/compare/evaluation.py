@@ -19,24 +19,23 @@ from taso_llm.io import write_json
 
 
 def load_trained(run_dir: Path, base_model: str, model_fields: dict):
-    """The base as the run loaded it (dtype, 4-bit) with the run's adapter, or the fully fine-tuned model."""
+    """The base as the run loaded it (dtype, 4-bit) with what the run trained on it: the method that wrote the run
+    directory knows how (methods.detect)."""
     import torch
     from trl import ModelConfig
 
     from taso_llm.loading import load_model_and_tokenizer
+    from taso_llm.methods import detect
 
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    method = metrics["method"]
-    path = str(run_dir) if method == "full" else base_model
-    model, tokenizer = load_model_and_tokenizer(ModelConfig(model_name_or_path=path, **model_fields))
-    if method == "taso":
-        from taso_llm.adapters_io import load_adapter
+    tokenizer = None
 
-        model = load_adapter(model, run_dir)
-    elif method == "lora":
-        from peft import PeftModel
+    def load_base(path: str | None = None):
+        nonlocal tokenizer
+        base, tok = load_model_and_tokenizer(ModelConfig(model_name_or_path=path or base_model, **model_fields))
+        tokenizer = tokenizer or tok
+        return base
 
-        model = PeftModel.from_pretrained(model, str(run_dir))
+    model = detect(run_dir).load_for_eval(run_dir, load_base)
     model.eval()
     model.config.use_cache = True
     if torch.cuda.is_available() and not model_fields.get("load_in_4bit"):

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from ..config import TasoArguments
-from ..regions import lora_params
-from ..targets import find_targets, layer_shape
+from .base import Method, Report, RunContext, rank1_reference
 
 
-def validate(args: TasoArguments, shapes: dict, model_args=None) -> None:
-    if model_args is not None and getattr(model_args, "load_in_4bit", False):
-        raise ValueError("method=full cannot train a 4-bit base (load_in_4bit: true); use method=lora (QLoRA)")
+class FullMethod(Method):
+    name = "full"
+    supports_4bit = False  # a 4-bit weight cannot take gradient steps: QLoRA (method=lora + load_in_4bit) instead
 
+    def prepare(self, model, shared, own, ctx: RunContext) -> Report:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return Report(trainable_params=sum(p.numel() for p in model.parameters()),
+                      lora_r1_params=rank1_reference(model, shared.target_modules),
+                      details={"importance_seconds": 0.0})
 
-def prepare(model, args: TasoArguments, *_, **__) -> dict:
-    for p in model.parameters():
-        p.requires_grad_(True)
-    shapes = {n: layer_shape(m) for n, m in find_targets(model, args.target_modules).items()}
-    trainable = sum(p.numel() for p in model.parameters())
-    lora1 = sum(lora_params(s) for s in shapes.values())
-    return {"trainable_params": trainable, "lora_r1_params": lora1, "trainable_vs_lora_r1": trainable / lora1,
-            "lr_multiplier": 1.0, "importance_seconds": 0.0}
+    def load_for_eval(self, run_dir, load_base):
+        """The run directory holds the whole trained model, loaded as the base was (dtype)."""
+        return load_base(str(run_dir))

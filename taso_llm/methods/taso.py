@@ -1,133 +1,179 @@
-"""TASO: estimate task importance, choose core regions under the budget, attach sparse updates.
+"""TASO: task-aligned sparse optimization. Score every target weight's importance |W ⊙ ∂L/∂W| on the task's own SFT
+loss, choose each matrix's core rows and columns under a rank-1 LoRA's budget (per matrix, or spread model-wide by
+importance mass), and train a sparse update there: a rank-r block B_R A_C (default), a dense block, or single entries.
 
-Stages (each its own module): importance.py → regions.py → masks.py → adapters/. This file only glues them and
-reports what was chosen. With more than one process (torch.distributed initialized, world size > 1) the distributed
-path is the normal one: each rank scores its share of the calibration batches (the `calibration` callable must yield
-this rank's batches, calibration.py), owners reduce and choose, masks are all-gathered (distributed.py). Every rank
-returns the same regions; only `is_main` writes the masks file.
+The generic machinery lives in sparse/ (statistic → owners → allocation → regions → shared masks) and adapters/
+(updates, wrapping, files, merge, PEFT export); this module holds TASO's own options and glues them.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+
+from torch import nn
 
 from ..adapters import attach_updates
-from ..adapters_io import save_adapter
-from ..config import TasoArguments, lr_multiplier, validate_taso_args
-from .. import distributed
-from ..importance import estimate_importance
-from ..masks import check_masks_fit, load_masks, save_masks
-from ..regions import choose_region, lora_params, mass_shares, parse_budget
+from ..adapters.export import export_peft_lora, merge_adapters
+from ..adapters.io import load_adapter, save_adapter
+from ..distributed.backend import Backend
+from ..sparse.masks import check_masks_fit, load_masks, save_masks
+from ..sparse.regions import STRUCTURES, lora_params, min_budget, parse_budget
+from ..sparse.select import SelectionSpec, select_regions
+from ..sparse.statistics import WeightGradSaliency
 from ..targets import find_targets, layer_shape
+from .base import Method, Report, RunContext
 
 log = logging.getLogger("taso_llm")
 MASKS_FILE = "masks.safetensors"
 
 
-def validate(args: TasoArguments, shapes: dict[str, tuple[int, int]], model_args=None) -> None:
-    validate_taso_args(args, shapes)
+@dataclass
+class TasoArguments:
+    taso_structure: str = field(
+        default="lora_block",
+        metadata={"help": "Core-region structure: lora_block (rank-r update on core rows × columns), "
+                          "dense_block, or entries (unstructured top importance)."})
+    taso_adapter_rank: int = field(default=4, metadata={"help": "Rank r of the lora_block update; "
+                                                                "r·(|R|+|C|) ≤ the matrix's budget."})
+    taso_adapter_alpha: float | None = field(
+        default=None, metadata={"help": "Scale alpha of the lora_block update (alpha / r); default: r (scale 1)."})
+    taso_importance_abs: str = field(
+        default="per_batch",
+        metadata={"help": "'per_batch': sum over batches of |W⊙G_b| (default); 'after_sum': |W⊙ΣG_b| "
+                          "(keeps a full-size accumulator per matrix)."})
+    taso_importance_checkpointing: bool = field(
+        default=True,
+        metadata={"help": "Recompute decoder layers in the importance backward (reentrant activation checkpointing), "
+                          "so scoring needs no more activation memory than checkpointed training."})
+    taso_lr_scaling: str = field(
+        default="sqrt",
+        metadata={"help": "Sparsity-aware learning-rate multiplier: 'none', 'sqrt' ((d_in+d_out)/(|R|+|C|))^0.5 "
+                          "averaged over matrices, or a number."})
+
+    @property
+    def alpha(self) -> float:
+        return float(self.taso_adapter_alpha) if self.taso_adapter_alpha is not None else float(self.taso_adapter_rank)
+
+    def statistic(self) -> WeightGradSaliency:
+        return WeightGradSaliency(abs_per_batch=self.taso_importance_abs == "per_batch",
+                                  full=self.taso_structure == "entries",
+                                  checkpointing=self.taso_importance_checkpointing)
 
 
-def choose_regions(stats: dict, args: TasoArguments) -> dict:
-    """Regions of the matrices in `stats`: all of them on one process, the owned ones on a distributed rank."""
-    return {name: choose_region(s.row, s.col, s.shape, args.structure, parse_budget(args.budget, s.shape),
-                                rank=args.adapter_rank, full=s.full)
-            for name, s in stats.items()}
+def parse_lr_scaling(value: str) -> str | float:
+    text = str(value).strip().lower()
+    if text in ("none", "sqrt"):
+        return text
+    try:
+        number = float(text)
+    except ValueError:
+        raise ValueError(f"taso_lr_scaling={value!r}: expected 'none', 'sqrt' or a positive number") from None
+    if not number > 0:
+        raise ValueError(f"taso_lr_scaling={value!r}: must be positive")
+    return number
 
 
-def _captured_share(stats, region) -> float:
-    """Share of the matrix's importance mass estimated to fall in the chosen region (row share × column share)."""
-    row_total, col_total = float(stats.row.sum()), float(stats.col.sum())
-    if row_total <= 0 or col_total <= 0:
-        return 0.0
-    if region.structure == "entries" and stats.full is not None:
-        return float(stats.full[region.rows, region.cols].sum()) / float(stats.full.sum())
-    return float(stats.row[region.rows].sum() / row_total * stats.col[region.cols].sum() / col_total)
+def lr_multiplier(setting: str, regions) -> float:
+    """The chosen reading of TASO's sparsity-aware scaling (not public): the adapter learning rate grows with the
+    square root of how much narrower the core region is than a full rank-1 LoRA, (d_in+d_out)/(|R|+|C|)."""
+    mode = parse_lr_scaling(setting)
+    if mode == "none":
+        return 1.0
+    if isinstance(mode, float):
+        return mode
+    ratios = [(r.shape[0] + r.shape[1]) / max(1, len(set(r.rows.tolist())) + len(set(r.cols.tolist())))
+              for r in regions.values()]
+    return math.sqrt(sum(ratios) / len(ratios)) if ratios else 1.0
 
 
-def _layer_info(stats, region) -> dict:
-    return {"captured_share": _captured_share(stats, region),
-            "top_rows_share": float(mass_shares(stats.row)[1][len(region.rows) - 1])}
+def selection_spec(shared, own: TasoArguments) -> SelectionSpec:
+    return SelectionSpec(structure=own.taso_structure, rank=own.taso_adapter_rank, budget=shared.budget,
+                         policy=shared.budget_policy())
 
 
-def select_regions(model, targets: dict, args: TasoArguments, batches: Iterable[dict], num_batches: int | None,
-                   weight_fn: Callable = distributed.gathered_weight, show_progress: bool = True,
-                   keep_stats: bool = False) -> tuple[dict, dict, dict]:
-    """Importance → regions, on one process or many. Returns (regions, per-layer info, report).
+class TasoMethod(Method):
+    name = "taso"
+    args_class = TasoArguments
+    own_adapter_format = exports_peft_lora = mergeable = needs_calibration = True
 
-    Every rank gets all regions. With `keep_stats` the report carries the reduced statistics ("stats": those of
-    all matrices on one process, of the owned matrices on a distributed rank), for tests and benchmarks."""
-    rank, world = distributed.rank_and_world()
-    keep = "full" if args.needs_full_importance() else "rowcol"
-    with distributed.zero3_forward(model):
-        result = estimate_importance(model, targets, batches, keep=keep,
-                                     abs_per_batch=args.importance_abs == "per_batch", weight_fn=weight_fn,
-                                     num_batches=num_batches, show_progress=show_progress and rank == 0,
-                                     per_batch=world > 1 and keep == "rowcol", finalize=world == 1,
-                                     checkpointing=args.importance_checkpointing)
-        if world == 1:
-            stats = result.stats
-        else:  # the weight gathers of after_sum finalization need the ZeRO-3 hooks' context too
-            owners = distributed.assign_owners({n: s.shape for n, s in result.stats.items()}, world)
-            stats = distributed.reduce_to_owners(result.stats, owners, targets, weight_fn)
-    report = {"importance_seconds": result.seconds, "importance_batches": result.batches,
-              "importance_tokens": result.tokens, "importance_world_size": world}
-    regions = choose_regions(stats, args)
-    info = {name: _layer_info(stats[name], r) for name, r in regions.items()}
-    if world > 1:
-        shapes = {name: s.shape for name, s in result.stats.items()}
-        regions = distributed.share_regions(regions, owners, shapes, args.structure)
-        info = distributed.share_object(info, owners)
-        report["importance_batches"], report["importance_tokens"] = distributed.all_reduce_sum(
-            [result.batches, result.tokens])
-    if keep_stats:
-        report["stats"] = stats
-    return regions, info, report
+    def validate(self, shared, own: TasoArguments, shapes, model_args=None) -> None:
+        super().validate(shared, own, shapes, model_args)
+        if own.taso_structure not in STRUCTURES:
+            raise ValueError(f"taso_structure={own.taso_structure!r}: expected one of {list(STRUCTURES)}")
+        if own.taso_importance_abs not in ("per_batch", "after_sum"):
+            raise ValueError(f"taso_importance_abs={own.taso_importance_abs!r}: expected 'per_batch' or 'after_sum'")
+        if own.taso_adapter_rank < 1:
+            raise ValueError(f"taso_adapter_rank={own.taso_adapter_rank}: must be at least 1")
+        parse_lr_scaling(own.taso_lr_scaling)
+        need = min_budget(own.taso_structure, own.taso_adapter_rank)
+        for name, shape in shapes.items():
+            budget = parse_budget(shared.budget, shape)
+            if budget < need and shared.budget_scope == "matrix":
+                raise ValueError(f"budget={shared.budget!r} gives {budget} params for {name} {shape}, below the {need} "
+                                 f"that taso_structure={own.taso_structure!r} with taso_adapter_rank="
+                                 f"{own.taso_adapter_rank} needs")
 
+    def resume_check(self, shared, own, output_dir: Path) -> None:
+        """A resumed run reuses the masks it chose the first time (never re-selects: the data order may differ)."""
+        saved = Path(output_dir) / MASKS_FILE
+        if not shared.masks_path:
+            if not saved.is_file():
+                raise FileNotFoundError(f"resume_from_checkpoint is set but {saved} does not exist; cannot rebuild "
+                                        "the adapter structure this run was trained with")
+            shared.masks_path = str(saved)
 
-def prepare(model, args: TasoArguments, calibration: Callable[[], Iterable[dict]], num_batches: int,
-            output_dir: str | Path, model_id: str, is_main: bool = True,
-            weight_fn: Callable = distributed.gathered_weight, show_progress: bool = True, **_) -> dict:
-    """Select the adapter's structure and attach it to `model` in place. Returns the report for metrics.json.
+    def prepare(self, model: nn.Module, shared, own: TasoArguments, ctx: RunContext) -> Report:
+        targets = find_targets(model, shared.target_modules)
+        shapes = {name: layer_shape(m) for name, m in targets.items()}
+        details: dict = {"importance_seconds": 0.0, "importance_batches": 0, "importance_tokens": 0}
+        layers: dict = {}
+        if shared.masks_path:
+            regions, header = load_masks(shared.masks_path)
+            check_masks_fit(regions, shapes, shared.masks_path, unwrapped=header.get("unwrapped", ()))
+            details["masks_reused_from"] = str(shared.masks_path)
+            log.info("reusing masks from %s (model %s)", shared.masks_path, header.get("model"))
+        else:
+            selection = select_regions(model, targets, own.statistic(), selection_spec(shared, own),
+                                       ctx.calibration(), ctx.num_calibration_batches, Backend.for_model(model),
+                                       ctx.show_progress)
+            regions, layers = selection.regions, selection.layers
+            details.update(selection.report)
+        masks_file = Path(ctx.output_dir) / MASKS_FILE
+        if ctx.is_main:
+            unwrapped = sorted(set(shapes) - set(regions))
+            save_masks(masks_file, regions, ctx.model_id, unwrapped=unwrapped,
+                       extra={"budget": shared.budget, "budget_scope": shared.budget_scope,
+                              "structure": own.taso_structure, "adapter_rank": own.taso_adapter_rank,
+                              "taso_config": vars(own)})
+        attach_updates(model, regions, alpha=own.alpha)
+        trainable = sum(r.num_params() for r in regions.values())
+        lora1 = sum(lora_params(s) for s in shapes.values())
+        multiplier = lr_multiplier(own.taso_lr_scaling, regions)
+        report = Report(
+            trainable_params=trainable, lora_r1_params=lora1, lr_multiplier=multiplier,
+            details={**details, "masks_file": str(masks_file)},
+            layers={name: {"shape": list(shapes[name]), "rows": len(regions[name].rows) if name in regions else 0,
+                           "cols": len(regions[name].cols) if name in regions else 0,
+                           "params": regions[name].num_params() if name in regions else 0, **layers.get(name, {})}
+                    for name in shapes})
+        log.info("TASO: %d trainable params on %d of %d matrices (rank-1 LoRA on the same modules: %d, ratio %.3f); "
+                 "structure=%s rank=%d budget_scope=%s, lr x%.2f", trainable, len(regions), len(shapes), lora1,
+                 trainable / lora1, own.taso_structure, own.taso_adapter_rank, shared.budget_scope, multiplier)
+        return report
 
-    `calibration()` yields this rank's calibration batches; `num_batches` is only for the progress bar."""
-    targets = find_targets(model, args.target_modules)
-    shapes = {name: layer_shape(m) for name, m in targets.items()}
-    masks_file = Path(output_dir) / MASKS_FILE
-    report: dict = {"importance_seconds": 0.0, "importance_batches": 0, "importance_tokens": 0}
-    info: dict = {}
-    if args.masks_path:
-        regions, header = load_masks(args.masks_path)
-        check_masks_fit(regions, shapes, args.masks_path)
-        report["masks_reused_from"] = str(args.masks_path)
-        log.info("reusing masks from %s (model %s)", args.masks_path, header.get("model"))
-    else:
-        regions, info, selected = select_regions(model, targets, args, calibration(), num_batches, weight_fn,
-                                                 show_progress)
-        report.update(selected)
-    if is_main:
-        save_masks(masks_file, regions, model_id, extra={"budget": args.budget, "structure": args.structure,
-                                                        "adapter_rank": args.adapter_rank,
-                                                        "taso_config": vars(args)})
-    attach_updates(model, regions, alpha=args.alpha)
-    trainable = sum(r.num_params() for r in regions.values())
-    lora1 = sum(lora_params(s) for s in shapes.values())
-    report.update(
-        masks_file=str(masks_file), trainable_params=trainable, lora_r1_params=lora1,
-        trainable_vs_lora_r1=trainable / lora1, lr_multiplier=lr_multiplier(args.lr_scaling, regions),
-        layers={name: {"shape": list(r.shape), "rows": len(r.rows), "cols": len(r.cols), "params": r.num_params(),
-                       **info.get(name, {})}
-                for name, r in regions.items()},
-    )
-    log.info("TASO: %d trainable params on %d matrices (rank-1 LoRA on the same modules: %d, ratio %.3f); "
-             "structure=%s rank=%d, lr x%.2f", trainable, len(regions), lora1, trainable / lora1,
-             args.structure, args.adapter_rank, report["lr_multiplier"])
-    return report
+    def save(self, model, output_dir, shared, own: TasoArguments, model_id, state) -> None:
+        save_adapter(model, output_dir, base_model=model_id, state=state,
+                     extra={"method": self.name, "structure": own.taso_structure, "budget": shared.budget,
+                            "budget_scope": shared.budget_scope, "target_modules": list(shared.target_modules)})
 
+    def load_for_eval(self, run_dir, load_base):
+        return load_adapter(load_base(), run_dir)
 
-def save(model, output_dir: str | Path, args: TasoArguments, model_id: str, state=None) -> None:
-    save_adapter(model, output_dir, base_model=model_id, alpha=args.alpha, state=state,
-                 extra={"method": "taso", "structure": args.structure, "budget": args.budget,
-                        "target_modules": list(args.target_modules)})
+    def merge(self, model):
+        return merge_adapters(model)
+
+    def export_peft(self, model, output_dir, model_id):
+        return export_peft_lora(model, output_dir, model_id)

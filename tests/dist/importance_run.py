@@ -23,10 +23,11 @@ import torch.distributed as dist
 
 # (calibration samples, batch size, structure, importance_abs): 6 batches, 5 batches (odd: rank 1 gets a padding
 # batch), and a "full" case (|W⊙ΣG|, finalized by owners after a weight gather).
-CASES = {
-    "even": (24, 4, "lora_block", "per_batch"),
-    "odd": (20, 4, "lora_block", "per_batch"),
-    "after_sum": (16, 4, "lora_block", "after_sum"),
+CASES = {  # samples, batch size, structure, importance_abs, budget_scope
+    "even": (24, 4, "lora_block", "per_batch", "matrix"),
+    "odd": (20, 4, "lora_block", "per_batch", "matrix"),
+    "after_sum": (16, 4, "lora_block", "after_sum", "matrix"),
+    "model_budget": (20, 4, "lora_block", "per_batch", "model"),
 }
 
 
@@ -102,12 +103,13 @@ def main():
         dist.init_process_group("gloo")
     from transformers import AutoTokenizer
 
-    from taso_llm.calibration import calibration_batches, num_calibration_batches
-    from taso_llm.config import TasoArguments
-    from taso_llm.distributed import rank_and_world
+    from taso_llm.sparse.calibration import calibration_batches, num_calibration_batches
+    from taso_llm.distributed import Backend, rank_and_world
     from taso_llm.io import save_safetensors
-    from taso_llm.masks import save_masks
-    from taso_llm.methods.taso import select_regions
+    from taso_llm.methods.taso import TasoArguments
+    from taso_llm.sparse.budget import BudgetPolicy
+    from taso_llm.sparse.masks import save_masks
+    from taso_llm.sparse.select import SelectionSpec, select_regions
     from taso_llm.targets import DEFAULT_TARGETS, find_targets
     from taso_llm.tiny import tiny_model_path
 
@@ -118,22 +120,23 @@ def main():
     model = load_model(a.engine, path, world)
     targets = find_targets(model, DEFAULT_TARGETS)
     for case in a.cases:
-        samples, bs, structure, abs_mode = CASES[case]
-        args = TasoArguments(calibration_samples=samples, calibration_batch_size=bs, structure=structure,
-                             importance_abs=abs_mode)
+        samples, bs, structure, abs_mode, scope = CASES[case]
+        own = TasoArguments(taso_structure=structure, taso_importance_abs=abs_mode)
+        spec = SelectionSpec(structure, rank=own.taso_adapter_rank, policy=BudgetPolicy(scope=scope))
         batches = calibration_batches(data, collate_fn(tokenizer.pad_token_id), samples, bs, rank, world)
-        regions, info, report = select_regions(model, targets, args, batches,
-                                               num_calibration_batches(len(data), samples, bs), show_progress=False,
-                                               keep_stats=True)
+        selection = select_regions(model, targets, own.statistic(), spec, batches,
+                                   num_calibration_batches(len(data), samples, bs), Backend.for_model(model),
+                                   show_progress=False, keep_stats=True)
+        regions, report = selection.regions, selection.report
         out = Path(a.out) / case
         out.mkdir(parents=True, exist_ok=True)
         flat = {f"{n}.{k}": getattr(r, k).to(torch.int64) for n, r in regions.items() for k in ("rows", "cols")}
         save_safetensors(flat, out / f"regions_rank{rank}.safetensors")
-        save_safetensors({f"{n}.{k}": getattr(s, k) for n, s in report["stats"].items() for k in ("row", "col")},
+        save_safetensors({f"{n}.{k}": getattr(s, k) for n, s in selection.stats.items() for k in ("row", "col")},
                          out / f"stats_rank{rank}.safetensors")
         if rank == 0:
             save_masks(out / "masks.safetensors", regions, "taso-tiny")
-            (out / "report.json").write_text(json.dumps({k: v for k, v in report.items() if k != "stats"}))
+            (out / "report.json").write_text(json.dumps(report))
     if a.then_train:
         train_one_step(model, regions, collate_fn(tokenizer.pad_token_id)([data[i] for i in range(4)]))
     if world > 1:

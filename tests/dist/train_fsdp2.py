@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_recipe import probe_ids  # noqa: E402
 
 from taso_llm.adapters import attach_updates  # noqa: E402
-from taso_llm.adapters_io import save_adapter  # noqa: E402
+from taso_llm.adapters.io import save_adapter  # noqa: E402
 from taso_llm.distributed import finish_distributed, process_group_timeout  # noqa: E402
-from taso_llm.masks import load_masks  # noqa: E402
+from taso_llm.sparse.masks import load_masks  # noqa: E402
 from taso_llm.distributed import gathered_adapter_state  # noqa: E402
 
 
@@ -69,7 +69,7 @@ def main(base: str, masks: str, out: str) -> None:
     if rank == 0:
         print("losses", losses, flush=True)
         assert losses[-1] < losses[0], losses
-        save_adapter(model, out, base_model=base, alpha=4.0, state=state)
+        save_adapter(model, out, base_model=base, state=state)
         torch.save({"logits": logits, "losses": losses, "local": local, "full": full},
                    Path(out) / "probe.pt")
     finish_distributed()

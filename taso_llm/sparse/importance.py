@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .targets import dense_weight, layer_shape
+from ..targets import dense_weight, layer_shape
 
 BATCH_INDEX = "taso_batch_index"  # global calibration batch index (calibration.py sets it)
 COUNTED = "taso_counted"  # False on a padding batch that only keeps ranks in step

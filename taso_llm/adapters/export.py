@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import delta_weight, iter_adapters
-from .adapters.wrap import _set_submodule
-from .io import save_safetensors, write_json
-from .targets import dense_weight
+from .updates import delta_weight
+from .wrap import iter_adapters
+from .wrap import _set_submodule
+from ..io import save_safetensors, write_json
+from ..targets import dense_weight
 
 log = logging.getLogger("taso_llm")
 
@@ -84,23 +85,19 @@ def export_peft_lora(model: nn.Module, output_dir: str | Path, base_model: str) 
     return {"r": rank, "modules": len(factors)}
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """True when this rank holds only part of the weights (ZeRO-3 partitions or FSDP2 DTensors)."""
-    from torch.distributed.tensor import DTensor
-
-    return any(hasattr(p, "ds_id") or isinstance(p, DTensor) for p in model.parameters())
-
-
 def standalone_model(model: nn.Module, adapter_dir: str | Path, model_args) -> nn.Module:
     """A model merge/export can read whole on one process: `model` itself unless it is sharded, else a fresh
     copy of the base on CPU (4-bit again if it was) with the adapter just written to `adapter_dir` loaded onto it.
     Call on the main process only, after the adapter was saved."""
+    from ..distributed.backend import is_sharded
+
     if not is_sharded(model):
         return model
-    from .adapters_io import load_adapter
-    from .loading import load_model_and_tokenizer, no_zero_init
+    from ..loading import load_model_and_tokenizer, no_zero_init
 
     log.info("the trained model is sharded: merging/exporting from a CPU copy of the base + %s", adapter_dir)
     with no_zero_init():
         base, _ = load_model_and_tokenizer(model_args, device_map="cpu")
+    from .io import load_adapter
+
     return load_adapter(base, adapter_dir)

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import attach_updates, iter_adapters
-from .io import save_safetensors, write_json
-from .regions import Region
+from .wrap import attach_updates, iter_adapters
+from ..io import save_safetensors, write_json
+from ..sparse.regions import Region
 
 ADAPTER_FORMAT = "taso-adapter/1"
 CONFIG_NAME = "adapter_config.json"
@@ -28,28 +28,37 @@ def adapter_state(model: nn.Module, materialize=lambda t: t) -> dict[str, torch.
     int32, on CPU. `materialize` turns a sharded tensor whole (distributed.gathered_adapter_state passes one)."""
     state = {}
     for name, wrapper in iter_adapters(model):
+        indices = index_names(wrapper.update)
         for key, tensor in wrapper.update.state_dict().items():
             tensor = materialize(tensor).detach().cpu()
-            state[f"{name}.{key}"] = tensor.to(torch.int32) if key in ("rows", "cols") else tensor.clone()
+            state[f"{name}.{key}"] = tensor.to(torch.int32) if key in indices else tensor.clone()
     return state
 
 
-def adapter_config(model: nn.Module, base_model: str, alpha: float, extra: dict | None = None) -> dict:
-    modules = {}
+def index_names(update: nn.Module) -> list[str]:
+    """An update's index vectors are its buffers (adapters/updates.py registers them so)."""
+    return [key for key, _ in update.named_buffers()]
+
+
+def adapter_config(model: nn.Module, base_model: str, extra: dict | None = None) -> dict:
+    """The config beside the weights. `alpha` is the updates' own scale (one per adapter: attach_updates sets it)."""
+    modules, alphas = {}, set()
     for name, wrapper in iter_adapters(model):
         u = wrapper.update
-        modules[name] = {"shape": list(u.shape), "structure": u.structure, "rank": getattr(u, "rank", 1)}
-    return {"format": ADAPTER_FORMAT, "base_model_name_or_path": base_model, "alpha": alpha,
-            "modules": modules, **(extra or {})}
+        modules[name] = {"shape": list(u.shape), "structure": u.structure, "rank": getattr(u, "rank", 1),
+                         "indices": index_names(u)}
+        alphas.add(float(getattr(u, "alpha", 1.0)))
+    return {"format": ADAPTER_FORMAT, "base_model_name_or_path": base_model,
+            "alpha": max(alphas) if alphas else 1.0, "modules": modules, **(extra or {})}
 
 
-def save_adapter(model: nn.Module, output_dir: str | Path, base_model: str, alpha: float,
-                 extra: dict | None = None, state: dict[str, torch.Tensor] | None = None) -> None:
+def save_adapter(model: nn.Module, output_dir: str | Path, base_model: str, extra: dict | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> None:
     """Write the adapter. `state` lets a distributed caller pass values it gathered from shards."""
     output_dir = Path(output_dir)
     save_safetensors(state if state is not None else adapter_state(model), output_dir / WEIGHTS_NAME,
                      metadata={"format": ADAPTER_FORMAT})
-    write_json(output_dir / CONFIG_NAME, adapter_config(model, base_model, alpha, extra))
+    write_json(output_dir / CONFIG_NAME, adapter_config(model, base_model, extra))
 
 
 def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -67,11 +76,16 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]
 
 
 def regions_from_state(config: dict, state: dict[str, torch.Tensor]) -> dict[str, Region]:
-    return {
-        name: Region(m["structure"], tuple(m["shape"]), state[f"{name}.rows"].long(), state[f"{name}.cols"].long(),
-                     rank=int(m["rank"]))
-        for name, m in config["modules"].items()
-    }
+    regions = {}
+    for name, m in config["modules"].items():
+        keys = m.get("indices", ["rows", "cols"])  # adapters written before index names were recorded
+        missing = [k for k in keys if f"{name}.{k}" not in state]
+        if missing:
+            raise ValueError(f"adapter file has no {[f'{name}.{k}' for k in missing]}: the file is incomplete or "
+                             "does not belong to this adapter_config.json")
+        regions[name] = Region.from_indices(m["structure"], m["shape"], {k: state[f"{name}.{k}"] for k in keys},
+                                            rank=int(m["rank"]))
+    return regions
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
@@ -84,6 +98,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, dtype: torch.dtype |
             raise ValueError(f"{adapter_dir}: adapter module {name} does not exist in this base model") from None
     wrapped = attach_updates(model, regions_from_state(config, state), alpha=config["alpha"], dtype=dtype)
     for name, wrapper in wrapped.items():
-        own = {k: state[f"{name}.{k}"] for k in wrapper.update.state_dict() if k not in ("rows", "cols")}
-        wrapper.update.load_state_dict(own, strict=False)
+        indices = index_names(wrapper.update)
+        keys = [k for k in wrapper.update.state_dict() if k not in indices]
+        missing = [f"{name}.{k}" for k in keys if f"{name}.{k}" not in state]
+        if missing:
+            raise ValueError(f"{adapter_dir}: the adapter file lacks {missing[:3]}; it is incomplete or was written "
+                             "by another version (re-export it from the run's checkpoint)")
+        wrapper.update.load_state_dict({k: state[f"{name}.{k}"] for k in keys}, strict=False)
     return model

@@ -14,7 +14,7 @@ sorted with stable sorts so the same statistics always give the same masks.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,13 +23,25 @@ STRUCTURES = ("lora_block", "dense_block", "entries")
 
 @dataclass
 class Region:
-    """Trainable coordinates of one matrix. Blocks: sorted `rows`, `cols`. Entries: pairs (rows[k], cols[k])."""
+    """Trainable coordinates of one matrix. Blocks: sorted `rows`, `cols`. Entries: pairs (rows[k], cols[k]).
+
+    A structure that needs more index vectors than rows and cols keeps them in `extra` (name → int64 vector); every
+    consumer (masks file, sharing between ranks, adapter files, resume checks) goes through `index_tensors()`."""
 
     structure: str
     shape: tuple[int, int]
     rows: torch.Tensor  # int64
     cols: torch.Tensor  # int64
     rank: int = 1
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def index_tensors(self) -> dict[str, torch.Tensor]:
+        return {"rows": self.rows, "cols": self.cols, **{k: self.extra[k] for k in sorted(self.extra)}}
+
+    @classmethod
+    def from_indices(cls, structure: str, shape, indices: dict[str, torch.Tensor], rank: int = 1) -> "Region":
+        extra = {k: v.long() for k, v in indices.items() if k not in ("rows", "cols")}
+        return cls(structure, tuple(shape), indices["rows"].long(), indices["cols"].long(), rank=rank, extra=extra)
 
     def num_params(self) -> int:
         if self.structure == "lora_block":
@@ -56,6 +68,11 @@ def min_budget(structure: str, rank: int) -> int:
     return 2 * rank if structure == "lora_block" else 1
 
 
+def budget_step(structure: str, rank: int) -> int:
+    """Parameters one more row or column costs: r for a rank-r block, 1 otherwise (model-wide allocation rounds to it)."""
+    return rank if structure == "lora_block" else 1
+
+
 def mass_shares(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(order, share): indices by descending score and the cumulative share held by the top-k, k = 1..n."""
     order = torch.sort(scores, descending=True, stable=True).indices
@@ -73,8 +90,13 @@ def _sorted(idx: torch.Tensor) -> torch.Tensor:
 
 
 def choose_region(row: torch.Tensor, col: torch.Tensor, shape: tuple[int, int], structure: str, budget: int,
-                  rank: int = 1, full: torch.Tensor | None = None) -> Region:
+                  rank: int = 1, full: torch.Tensor | None = None, keep: str = "high") -> Region:
+    """`keep="high"` takes the highest scores (TASO); "low" the lowest (TaLoS's low-sensitivity entries)."""
     d_out, d_in = shape
+    if keep not in ("high", "low"):
+        raise ValueError(f"keep={keep!r}: expected 'high' or 'low'")
+    if keep == "low" and structure != "entries":
+        raise ValueError(f"keeping the lowest scores is defined for structure='entries', not {structure!r}")
     if budget < min_budget(structure, rank):
         raise ValueError(f"budget of {budget} params is below what structure={structure!r} "
                          f"(rank={rank}) can use: at least {min_budget(structure, rank)}")
@@ -82,7 +104,7 @@ def choose_region(row: torch.Tensor, col: torch.Tensor, shape: tuple[int, int], 
         if full is None:
             raise ValueError("structure='entries' needs full importance matrices (importance keep='full')")
         k = min(budget, d_out * d_in)
-        flat = torch.sort(full.flatten(), descending=True, stable=True).indices[:k]
+        flat = torch.sort(full.flatten(), descending=keep == "high", stable=True).indices[:k]
         flat = torch.sort(flat).values  # row-major order: rows then cols ascending
         return Region(structure, shape, flat // d_in, flat % d_in)
     row_order, row_share = mass_shares(row)

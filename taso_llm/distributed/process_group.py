@@ -1,0 +1,73 @@
+"""The process group's lifecycle: created before the training arguments, torn down at the end of a run.
+
+The recipe calls `init_distributed()` before TrlParser builds the training arguments, passes
+`configured_state_defaults()` to the parser, and calls `finish_distributed()` last. `rank_and_world()` is how the
+rest of the library asks where it runs: (0, 1) on one process.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def comm_device() -> torch.device:
+    """Where collective buffers live: the current GPU for NCCL, the CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+
+def process_group_timeout(default_s: float = 1800.0) -> timedelta:
+    """How long a collective may wait for a missing rank before the job fails (TASO_DDP_TIMEOUT seconds).
+
+    A rank that dies mid-step leaves the others blocked in an all-reduce; this bounds the wait. TrainingArguments'
+    `ddp_timeout` sets the same on GPU; on CPU transformers does not pass it on, so we do.
+    """
+    return timedelta(seconds=float(os.environ.get("TASO_DDP_TIMEOUT", default_s)))
+
+
+def init_distributed() -> None:
+    """Create the process group before TrainingArguments does, when there are several ranks and no CUDA.
+
+    Without CUDA, accelerate + DeepSpeed would pick a backend that miscounts the world size; gloo is forced here
+    and the training arguments then reuse this state (`accelerator_config.use_configured_state`, see
+    `configured_state_defaults`). With CUDA nothing happens: TrainingArguments sets up NCCL with `ddp_timeout`.
+    """
+    from accelerate import PartialState
+
+    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return
+    from accelerate.utils import parse_flag_from_env
+
+    # cpu=True only when asked for (ACCELERATE_USE_CPU / --cpu): it would switch a DeepSpeed launch to plain DDP.
+    PartialState(backend="gloo", timeout=process_group_timeout(), cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def configured_state_defaults() -> dict:
+    """Parser defaults that make TrainingArguments reuse the state from `init_distributed`, if it ran.
+
+    A default, not an argument: a YAML `accelerator_config` still wins. (Passing the JSON on the command line
+    does not survive accelerate's DeepSpeed launcher's re-quoting.)
+    """
+    from accelerate import PartialState
+
+    return {} if PartialState._shared_state == {} else {"accelerator_config": {"use_configured_state": True}}
+
+
+def finish_distributed() -> None:
+    """Barrier, then tear the process group down: ranks leaving at different moments otherwise abort at exit
+    ("terminate called without an active exception") and turn a finished run into a failed job."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
