@@ -13,7 +13,7 @@ re-spread over the others in proportion to their weights until nothing moves. Ea
 to a whole number of structure steps (a rank-r block spends r parameters per row or column, so its step is r; a
 block also needs at least `minimum` parameters, below which it gets 0 and is not wrapped), and the rounding
 remainder goes back one step at a time to the matrices with the largest fractional parts (ties: by name), never
-past a cap. So Σ allocated ≤ total, short of it by less than one step in all, and a matrix with no signal (M = 0)
+past a cap nor to a matrix pinned at its floor. So Σ allocated ≤ total, short of it by less than one step in all, and a matrix with no signal (M = 0)
 gets exactly its floor. Every quantity is a float64 function of the masses and the sorted names: the same masses give
 the same allocation bitwise on every rank and for every world size.
 """
@@ -91,8 +91,10 @@ def allocate(own_budgets: dict[str, int], masses: dict[str, float], policy: Budg
 
     out = {n: fit(real[n]) for n in names}
     leftover = total - sum(out.values())
-    # Remainder, one step at a time, largest fractional part first (ties by name); never above the cap.
-    order = sorted(names, key=lambda n: (-(real[n] - out[n]), n))
+    # Remainder, one step at a time, largest fractional part first (ties by name); never above the cap, and never to
+    # a matrix pinned at its floor (one with no signal keeps exactly its floor).
+    order = sorted((n for n in names if real[n] > low[n] * (1 + 1e-12) or low[n] == high[n]),
+                   key=lambda n: (-(real[n] - out[n]), n))
     progress = True
     while leftover >= step and progress:
         progress = False

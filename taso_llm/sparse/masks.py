@@ -69,6 +69,6 @@ def check_masks_fit(regions: dict[str, Region], shapes: dict[str, tuple[int, int
         raise ValueError(f"{source}: masks cover {len(regions)} matrices but the targets are {len(shapes)}; "
                          f"missing {missing[:5]}, unexpected {extra[:5]}")
     for name, shape in shapes.items():
-        if tuple(regions[name].shape) != tuple(shape):
+        if name in regions and tuple(regions[name].shape) != tuple(shape):
             raise ValueError(f"{source}: {name} has shape {tuple(regions[name].shape)} in the masks, "
                              f"{tuple(shape)} in the model")
