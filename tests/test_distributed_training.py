@@ -61,14 +61,15 @@ def _logits_of_saved_adapter(tiny_path, adapter_dir: Path, **load_kwargs) -> tor
     """Load the adapter onto a fresh base in this (single) process and run the probe batch."""
     from transformers import AutoModelForCausalLM
 
-    from taso_llm.adapters.io import load_adapter
+    from taso_llm.methods import detect
 
     sys.path.insert(0, str(RECIPE.parent))
     from train_recipe import probe_ids
 
     # Left in train mode (the tiny LLaMA has no dropout): in eval mode bitsandbytes' CPU inference path repacks
     # 4-bit weights and rejects the tiny model's odd layer sizes ("N must be divisible by block_n").
-    model = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_path, **load_kwargs), adapter_dir).train()
+    load_base = lambda path=None: AutoModelForCausalLM.from_pretrained(path or tiny_path, **load_kwargs)  # noqa: E731
+    model = detect(adapter_dir).load_for_eval(adapter_dir, load_base).train()
     with torch.no_grad():
         return model(input_ids=probe_ids()).logits.float()
 
@@ -153,6 +154,19 @@ def test_4bit_base(tmp_path, tiny_path, config, engine, stage):
     assert all(v.dtype == torch.float32 for k, v in values.items() if not k.endswith((".rows", ".cols")))
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "merged" / "config.json").read_text()).get("quantization_config") is None
+
+
+@pytest.mark.parametrize("method, config, engine, stage", [
+    ("lora", "multi_gpu.yaml", "MULTI_CPU", None), ("lora", "zero3.yaml", "DEEPSPEED", 3),
+    ("full", "multi_gpu.yaml", "MULTI_CPU", None), ("full", "zero3.yaml", "DEEPSPEED", 3)])
+def test_every_baseline_trains_distributed(tmp_path, tiny_path, method, config, engine, stage):
+    """The method contract under 2-process DDP and ZeRO-3 for the PEFT LoRA and full fine-tuning baselines (TASO has
+    the tests above): the loss falls and the saved output, loaded in one process, reproduces the trained logits."""
+    lr = "2e-2" if method == "lora" else "1e-3"
+    metrics = _run(config, tmp_path, tiny_path, "--method", method, "--learning_rate", lr, "--lora_r", "2",
+                   "--lora_target_modules", "q_proj", "v_proj", "down_proj")
+    assert metrics["method"] == method
+    _check_run(metrics, tmp_path, tiny_path, engine, stage, atol=2e-4)
 
 
 def _interrupted_copy(full: Path, dst: Path) -> Path:

@@ -156,3 +156,19 @@ def test_resume_equals_uninterrupted(name, tmp_path, tiny_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("structure, scope", [("entries", "matrix"), ("dense_block", "model"), ("lora_block", "model")])
+def test_every_taso_structure_and_budget_scope_runs_through_the_recipe(structure, scope, tmp_path, tiny_path):
+    metrics = _recipe("taso", tmp_path / "run", "--taso_structure", structure, "--budget_scope", scope,
+                      "--max_steps", "2")
+    step = 4 if structure == "lora_block" else 1  # taso_adapter_rank 4
+    allocation = metrics["budget_allocation"]
+    assert allocation["scope"] == scope and metrics["trainable_params"] <= allocation["allocated"]
+    assert allocation["allocated"] <= metrics["lora_r1_params"] == allocation["total_budget"]
+    if scope == "model":
+        assert metrics["lora_r1_params"] - allocation["allocated"] < step
+    if structure != "dense_block":  # a dense |R| x |C| block cannot always spend its budget exactly
+        assert allocation["allocated"] - step * len(metrics["layers"]) < metrics["trainable_params"]
+    assert (tmp_path / "run" / "training.png").is_file()
