@@ -1,24 +1,22 @@
-"""The pretrained proxy base: a small LLaMA-class model that has learned something, built on CPU in minutes.
+"""Pretraining the proxy base: a small LLaMA-class model that has learned the sub-skills of the comparison's tasks.
 
 Why: a randomly initialised model cannot tell fine-tuning methods apart (every method just learns the output format),
-and a trial with a 3M base pretrained briefly scored <= 2% exact match on word problems for every method (the format
-was learned, the numbers were copied wrong). So the proxy is pretrained on plain text that teaches the sub-skills the
-SFT tasks compose (`synthetic.pretraining_text`: copying numbers, arithmetic facts, worked word problems, small
-functions, output formats); fine-tuning then mostly has to map those skills onto the chat format and the answer marker,
-and the quality of that mapping is what separates methods.
+and a base that has seen the fine-tuning task itself cannot either (every method scores alike). A base pretrained
+briefly on a corpus that also held the worked word problems scored 2-4% exact match after fine-tuning with every
+method, full fine-tuning included. So the proxy is pretrained on plain text of the sub-skills only
+(`synthetic.pretraining_text`: a sentence's numbers copied into an equation, 2-digit facts, running totals, small
+functions, output formats), and the math task it is fine-tuned on (`synthetic.composed_word_problems`) is a chat layout
+and compositions it never saw: two changes in a row, "how many more than", "k more than ... together". Fine-tuning has
+to compose skills the base has, and how well a method does that is what the comparison measures.
 
-Tokenizer: `taso_llm.tiny.build_tokenizer` with one change: digits are split into single tokens before BPE. The tiny
-BPE merged numbers irregularly (" 40" one token, " 27" two, "4821" as 4/8/21), so "copy the number" and carries
-had to be learned per token pair; one token per digit makes both a small, regular skill (as in LLaMA-1 / Mistral).
-
-The model is cached under TASO_LLM_CACHE as `taso-proxy-<hash of everything that defines it>`, written atomically
-(temp dir + rename), with `pretrain_log.json` beside the weights. `model_name_or_path: taso-proxy` resolves to it
-(taso_llm.tiny.resolve_model_path).
+The model's identity (PROXY_CONFIG, PROXY_PRETRAIN, cache key, the `taso-proxy` alias) lives in taso_llm/tiny.py; this
+module trains it: digit-splitting tokenizer (`tiny.build_tokenizer(split_digits=True)`), packed windows of the corpus,
+AdamW with warmup and cosine decay, written atomically (temp dir + rename) under TASO_LLM_CACHE with
+`pretrain_log.json` beside the weights.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -29,41 +27,13 @@ import time
 from pathlib import Path
 
 from .io import write_json, write_text
-from .tiny import default_cache_dir
+from .tiny import PROXY_CONFIG, PROXY_PRETRAIN, build_tokenizer, proxy_dir
 
 log = logging.getLogger("taso_llm")
-PROXY_MODEL_ID = "taso-proxy"
-PROXY_VERSION = 1
-
-# ~3.8M parameters, near the trial's second base (4.8M; LoRA r=1 74% vs r=16 80%), shrunk so that 300 steps fit
-# in 10 minutes on one contended CPU core (one thread: two threads on two shared cores ran 3x slower per step).
-PROXY_CONFIG = dict(hidden_size=224, intermediate_size=608, num_hidden_layers=6, num_attention_heads=8,
-                    num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
-                    tie_word_embeddings=False)
-# Steps, not minutes, define the model (reproducible); `max_minutes` only stops a run on a slow machine early.
-PRETRAIN = dict(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup=20, weight_decay=0.01, n_docs=20000,
-                seed=0)
 
 
 def build_proxy_tokenizer():
-    from tokenizers import pre_tokenizers
-
-    from .tiny import build_tokenizer
-
-    tok = build_tokenizer()
-    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    return tok
-
-
-def proxy_key(config: dict, pretrain: dict) -> str:
-    key = json.dumps({"cfg": config, "pretrain": pretrain, "v": PROXY_VERSION}, sort_keys=True)
-    return hashlib.sha1(key.encode()).hexdigest()[:10]
-
-
-def proxy_dir(config: dict | None = None, pretrain: dict | None = None) -> Path:
-    config, pretrain = {**PROXY_CONFIG, **(config or {})}, {**PRETRAIN, **(pretrain or {})}
-    return default_cache_dir() / f"{PROXY_MODEL_ID}-{proxy_key(config, pretrain)}"
+    return build_tokenizer(split_digits=True)
 
 
 def _packed_batches(tokenizer, docs: list[str], seq_len: int, batch_size: int, seed: int):
@@ -71,8 +41,8 @@ def _packed_batches(tokenizer, docs: list[str], seq_len: int, batch_size: int, s
     import torch
 
     ids: list[int] = []
-    for doc in docs:
-        ids += [tokenizer.bos_token_id, *tokenizer(doc, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    for doc_ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        ids += [tokenizer.bos_token_id, *doc_ids, tokenizer.eos_token_id]
     n = len(ids) // seq_len
     windows = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
     gen = torch.Generator().manual_seed(seed)
@@ -90,7 +60,7 @@ def pretrain(out: str | os.PathLike | None = None, config: dict | None = None, p
 
     from .data.synthetic import pretraining_text
 
-    config, hp = {**PROXY_CONFIG, **(config or {})}, {**PRETRAIN, **(pretrain or {})}
+    config, hp = {**PROXY_CONFIG, **(config or {})}, {**PROXY_PRETRAIN, **(pretrain or {})}
     out = Path(out) if out is not None else proxy_dir(config, hp)
     if (out / "config.json").exists():
         return out
@@ -143,24 +113,19 @@ def _write_atomically(out: Path, model, tokenizer, info: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def cached_proxy_path() -> Path:
-    """The default proxy's directory; it must have been pretrained (`python recipes/pretrain_proxy.py`)."""
-    path = proxy_dir()
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"the pretrained proxy {path} does not exist yet; build it with "
-                                "`python recipes/pretrain_proxy.py` (about 10 minutes on 2 CPU cores)")
-    return path
-
-
 # ------------------------------------------------------------------------------------------- fine-tuning data
+# Generated-task names (a compare config's `generate` rows, `generator:` when not the task's own name) -> (function in
+# taso_llm.data.synthetic, the task its rows are evaluated as).
+GENERATORS = {"math": ("math_word_problems", "math"), "math_composed": ("composed_word_problems", "math"),
+              "code": ("code_tasks", "code"), "instruct": ("instruct_tasks", "instruct")}
+
+
 def task_rows(task: str, n: int, seed: int) -> list[dict]:
     from .data import synthetic
 
-    make = {"math": synthetic.math_word_problems, "code": synthetic.code_tasks,
-            "instruct": synthetic.instruct_tasks}
-    if task not in make:
-        raise ValueError(f"task={task!r}: expected one of {sorted(make)}")
-    return make[task](n, seed)
+    if task not in GENERATORS:
+        raise ValueError(f"task={task!r}: expected one of {sorted(GENERATORS)}")
+    return getattr(synthetic, GENERATORS[task][0])(n, seed)
 
 
 def write_task_data(path: str | os.PathLike, task: str, n: int, seed: int) -> Path:

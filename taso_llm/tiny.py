@@ -1,10 +1,14 @@
-"""The embedded default: a tiny LLaMA-class model and an offline tokenizer.
+"""The local models: the embedded default (a tiny LLaMA-class model and an offline tokenizer) and what defines the
+pretrained proxy of the method comparison and where it is cached.
 
 Nothing here downloads. The tokenizer is a byte-level BPE trained in memory on a fixed corpus; the model is a
 LlamaConfig built from code. Both are written to a local directory (atomically) and then loaded back through
 `from_pretrained`, so the default run exercises exactly the loading path a hub model takes.
 
-`model_name_or_path: taso-tiny` in a recipe resolves to that directory (see `resolve_model_path`).
+`model_name_or_path: taso-tiny` in a recipe resolves to that directory, `taso-proxy` to the pretrained proxy's
+(see `resolve_model_path`). How the proxy is pretrained lives in taso_llm/proxy.py, which builds on this module; its
+identity (config, pretraining settings, cache key) lives here, so that resolving the alias needs no import of the
+trainer (this module imports nothing of the package: no import cycle).
 """
 
 from __future__ import annotations
@@ -68,8 +72,13 @@ def _tokenizer_corpus() -> list[str]:
     return lines * 3
 
 
-def build_tokenizer():
-    """Train the byte-level BPE in memory and wrap it as a PreTrainedTokenizerFast with the chat template."""
+def build_tokenizer(split_digits: bool = False):
+    """Train the byte-level BPE in memory and wrap it as a PreTrainedTokenizerFast with the chat template.
+
+    split_digits (the proxy's tokenizer): every digit becomes its own token before BPE. The BPE merged numbers
+    irregularly (" 40" one token, " 27" two, "4821" as 4/8/21), so copying a number and carrying had to be learned
+    per token pair; one token per digit makes both a small, regular skill (as in LLaMA-1 / Mistral). The merges are
+    the same either way (trained without the split), so the default tokenizer is unchanged."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -81,6 +90,9 @@ def build_tokenizer():
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     bpe.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    if split_digits:
+        bpe.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|pad|>",
         model_max_length=TINY_CONFIG["max_position_embeddings"],
@@ -139,12 +151,39 @@ def tiny_model_path(seed: int = 0, **overrides) -> Path:
     return write_tiny_model(default_cache_dir() / f"{TINY_MODEL_ID}-{digest}", seed=seed, **overrides)
 
 
+# ----------------------------------------------------------------------------------------------- the proxy's identity
+PROXY_MODEL_ID = "taso-proxy"
+PROXY_VERSION = 2  # 2: pretraining text of sub-skills only (no Q/A layout, no composed word problems); digits split
+# ~5M parameters: the size at which a base pretrained for ~20 minutes on 2 CPU cores already copies a sentence's numbers
+# into an equation and knows 2-digit facts, so that fine-tuning has sub-skills to compose (docs/comparison.md).
+PROXY_CONFIG = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=8,
+                    num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
+                    tie_word_embeddings=False)
+# Steps, not minutes, define the model (reproducible); taso_llm.proxy.pretrain's `max_minutes` only stops a run on a
+# slow machine early (then its pretrain_log.json says so).
+PROXY_PRETRAIN = dict(steps=1000, batch_size=16, seq_len=128, lr=3e-3, warmup=40, weight_decay=0.01, n_docs=40000,
+                      seed=0)
+
+
+def proxy_dir(config: dict | None = None, pretrain: dict | None = None) -> Path:
+    """Where the proxy defined by these settings (defaults: PROXY_CONFIG, PROXY_PRETRAIN) is cached."""
+    config, pretrain = {**PROXY_CONFIG, **(config or {})}, {**PROXY_PRETRAIN, **(pretrain or {})}
+    key = json.dumps({"cfg": config, "pretrain": pretrain, "v": PROXY_VERSION}, sort_keys=True)
+    return default_cache_dir() / f"{PROXY_MODEL_ID}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def cached_proxy_path() -> Path:
+    """The default proxy's directory; it must have been pretrained (`python recipes/pretrain_proxy.py`)."""
+    path = proxy_dir()
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"the pretrained proxy {path} does not exist yet; build it with "
+                                "`python recipes/pretrain_proxy.py` (about 20 minutes on 2 CPU cores)")
+    return path
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """Map the `taso-tiny` alias to its local directory; anything else (hub id or path) passes through.
-
-    `taso-proxy` is the pretrained proxy of the method comparison (taso_llm/proxy.py); it must have been built."""
-    if name_or_path == "taso-proxy":
-        from .proxy import cached_proxy_path  # lazy: proxy imports this module
-
+    """Map the `taso-tiny` (built on first use) and `taso-proxy` (must have been pretrained) aliases to their local
+    directories; anything else (hub id or path) passes through."""
+    if name_or_path == PROXY_MODEL_ID:
         return str(cached_proxy_path())
     return str(tiny_model_path()) if name_or_path == TINY_MODEL_ID else name_or_path

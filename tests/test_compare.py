@@ -27,6 +27,7 @@ def tiny_values() -> dict:
     (lambda v: v["tasks"].update(poetry=v["tasks"]["math"]), "tasks.poetry: unknown task"),
     (lambda v: v["tasks"]["math"]["test"].update(split="test", dataset_name="x"), "tasks.math.test: give exactly one"),
     (lambda v: v["tasks"]["math"]["test"].update(format="csv"), "tasks.math.test.format"),
+    (lambda v: v["tasks"]["math"]["test"].update(generator="code"), "tasks.math.test.generator: .*math_composed"),
     (lambda v: v["tasks"]["math"].pop("test"), "tasks.math.test: missing"),
     (lambda v: v.update(seeds=[0, 0]), "seeds: repeated"),
     (lambda v: v.update(max_steps=0), "max_steps"),
@@ -139,11 +140,13 @@ def test_proxy_tokenizer_digits_and_cached_pretraining(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from taso_llm import proxy
-    from taso_llm.tiny import resolve_model_path
+    from taso_llm.tiny import build_tokenizer, resolve_model_path
 
     tok = proxy.build_proxy_tokenizer()
     pieces = [tok.decode([i]) for i in tok("He has 4821 apples", add_special_tokens=False)["input_ids"]]
     assert [p for p in pieces if p.strip().isdigit()] == ["4", "8", "2", "1"]
+    default = build_tokenizer()  # the tiny default keeps its merges and its number tokens
+    assert default.get_vocab() == tok.get_vocab() and len(default("4821", add_special_tokens=False)["input_ids"]) < 4
 
     monkeypatch.setenv("TASO_LLM_CACHE", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="recipes/pretrain_proxy.py"):
@@ -171,3 +174,29 @@ def test_generated_task_files_are_deterministic(tmp_path):
     assert all(r["task"] == "math" and r["answer"] for r in rows)
     with pytest.raises(ValueError, match="task='poetry'"):
         write_task_data(tmp_path / "c.jsonl", "poetry", 5, seed=3)
+
+
+def test_tiny_imports_nothing_of_the_package():
+    """proxy.py builds on tiny.py (identity, tokenizer, cache dir), never the reverse: no import cycle."""
+    import ast
+
+    from taso_llm import tiny
+
+    tree = ast.parse(Path(tiny.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not any(node.level for node in ast.walk(tree) if isinstance(node, ast.ImportFrom))
+    assert not any((name or "").startswith("taso_llm") for name in imported), imported
+
+
+def test_composed_math_is_generated_for_the_math_task(tmp_path):
+    from taso_llm.compare.runs import prepare_data
+
+    values = tiny_values()
+    values["tasks"]["math"]["train"]["generator"] = "math_composed"
+    config = parse_compare_config({**values, "output_dir": str(tmp_path)})
+    prepare_data(config)
+    train = [json.loads(line) for line in (tmp_path / "data" / "math_train.jsonl").read_text().splitlines()]
+    test = [json.loads(line) for line in (tmp_path / "data" / "math_test.jsonl").read_text().splitlines()]
+    assert len(train) == 48 and all(r["task"] == "math" for r in train)
+    assert any("How many more" in r["prompt"][0]["content"] for r in train)   # the composed family
+    assert not any("How many more" in r["prompt"][0]["content"] for r in test)  # the test keeps the task's own

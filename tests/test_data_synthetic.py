@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from collections import Counter
 
@@ -9,7 +10,8 @@ import pytest
 
 from taso_llm.data import DataArguments, load_sft_splits
 from taso_llm.data.bundled_set import BUNDLED_PATH, bundled_rows, write_bundled
-from taso_llm.data.synthetic import check_instruct, code_tasks, instruct_tasks, math_word_problems, pretraining_text
+from taso_llm.data.synthetic import (check_instruct, code_tasks, composed_word_problems, instruct_tasks,
+                                     math_word_problems, pretraining_text)
 
 
 def prompt_of(row):
@@ -101,17 +103,69 @@ def test_instruct_responses_and_checker():
     assert instruct_tasks(25, seed=2) == rows[:25]
 
 
-def test_pretraining_text():
-    docs = pretraining_text(80, seed=0)
-    assert len(docs) == 80 and docs == pretraining_text(80, seed=0) and docs != pretraining_text(80, seed=1)
-    facts = [fact for doc in docs for fact in re.findall(r"^(\d+) ([-+*]) (\d+) = (-?\d+)\.$", doc, flags=re.M)]
-    copies = [pair for doc in docs for pair in re.findall(r"Copy the number (\d+): (\d+)\.", doc)]
-    assert len(facts) > 20 and len(copies) > 20
-    for a, op, b, c in facts:
-        assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(c)
-    assert all(x == y for x, y in copies)
-    assert any("def " in doc for doc in docs) and any("####" in doc for doc in docs)
-    assert any(doc.startswith("Instruction:") for doc in docs)
+def check_equations(text: str) -> int:
+    """Every `a op b = c` in the text is right; returns how many there were."""
+    equations = re.findall(r"(\d+) ([-+]) (\d+) = (\d+)", text)
+    for a, op, b, c in equations:
+        assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(c), (a, op, b, c)
+    return len(equations)
+
+
+def solve_composed(question: str) -> tuple[str, int]:
+    """(template, answer) of a composed problem, recomputed from the question's own sentences."""
+    counts = [int(x) for x in re.findall(r"has (\d+) ", question)]
+    if "How many more" in question:
+        return "how_many_more", counts[0] - counts[1]
+    if "together" in question:
+        k = int(re.search(r"has (\d+) more \w+ than", question).group(1))
+        return "more_than_together", counts[0] + counts[0] + k
+    total = counts[0]
+    for verb, k in re.findall(r"(buys|finds|gives) (\d+)", question):
+        total += -int(k) if verb == "gives" else int(k)
+    return "two_changes", total
+
+
+def test_composed_math_answers_recompute():
+    rows = composed_word_problems(300, seed=4)
+    templates = Counter()
+    for row in rows:
+        template, answer = solve_composed(prompt_of(row))
+        templates[template] += 1
+        assert row["answer"] == str(answer) and answer >= 0 and row["task"] == "math"
+        lines = completion_of(row).split("\n")
+        assert lines[-1] == f"#### {answer}" and check_equations(completion_of(row)) == len(lines) - 1
+        assert lines[-2].endswith(f"= {answer}")  # the last equation gives the answer
+    assert set(templates) == {"how_many_more", "more_than_together", "two_changes"} and min(templates.values()) > 60
+    assert composed_word_problems(30, seed=4) == rows[:30] and composed_word_problems(30, seed=5) != rows[:30]
+    assert not {prompt_of(r) for r in rows} & {prompt_of(r) for r in composed_word_problems(300, seed=2)}
+
+
+def test_pretraining_text_teaches_sub_skills_but_not_the_task():
+    docs = pretraining_text(300, seed=0)
+    assert docs == pretraining_text(300, seed=0) and docs != pretraining_text(300, seed=1)
+    text = "\n".join(docs)
+    facts = re.findall(r"^(\d+) ([-+]) (\d+) = (\d+)\.$", text, flags=re.M)
+    copies = re.findall(r"Copy the number (\d+): (\d+)\.", text)
+    stories = re.findall(r"has (\d+) \w+\. \w+ (?:buys|finds) (\d+) more, so (\d+) \+ (\d+) =", text)
+    chains = re.findall(r"Start with (\d+)\. \w+(?: \w+)? \d+: (\d+) [-+]", text)
+    assert len(facts) > 100 and len(copies) > 20 and len(stories) > 20 and len(chains) > 20
+    assert check_equations(text) > 500 and all(x == y for x, y in copies)
+    assert all(a == c and k == d for a, k, c, d in stories)  # the sentence's numbers, copied into the equation
+    assert all(start == first for start, first in chains)    # a running total starts from the stated number
+    assert any("def " in doc for doc in docs) and any(doc.startswith("Instruction:") for doc in docs)
+    # Never the fine-tuning layout or the composed questions: the base has to learn those from the SFT data.
+    for unseen in ("####", "How many more", "more than", "have now", "have together", "Then ", "<|start_header_id|>"):
+        assert unseen not in text, unseen
+
+
+def test_synthetic_does_not_import_the_bundled_set():
+    """bundled_set builds on synthetic, never the reverse (no import cycle)."""
+    from taso_llm.data import synthetic
+
+    tree = ast.parse(open(synthetic.__file__).read())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not any("bundled" in (name or "") for name in imported), imported
 
 
 def test_bundled_file_loads_and_matches_generator(tmp_path):

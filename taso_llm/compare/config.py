@@ -17,6 +17,7 @@
     tasks:
       math:
         train: {generate: 2000, seed: 1}              # generated rows (taso_llm.proxy), or dataset_name/format/...
+        # generator: math_composed                    # with generate: another generated family of the same task
         test: {dataset_name: openai/gsm8k, dataset_config: main, split: test, format: gsm8k}
         validation_size: 100
         eval_limit: 200
@@ -42,14 +43,22 @@ class DataSpec:
     """Rows for a task: `generate` rows of the synthetic family, or a dataset loaded like DataArguments would."""
     generate: int | None = None
     seed: int = 0
+    generator: str | None = None        # with generate: a family of taso_llm.proxy.GENERATORS (default: the task's)
     dataset_name: str | None = None
     dataset_config: str | None = None
     split: str = "train"
     format: str = "auto"
 
-    def check(self, where: str) -> None:
+    def check(self, where: str, task: str) -> None:
         if (self.generate is None) == (self.dataset_name is None):
             raise CompareConfigError(f"{where}: give exactly one of 'generate' (a row count) or 'dataset_name'")
+        if self.generator is not None:
+            from taso_llm.proxy import GENERATORS
+
+            if self.generate is None or GENERATORS.get(self.generator, (None, None))[1] != task:
+                raise CompareConfigError(f"{where}.generator: expected, with 'generate', one of the {task} families "
+                                         f"{[g for g, (_, t) in GENERATORS.items() if t == task]}, got "
+                                         f"{self.generator!r}")
         if self.generate is not None and (not isinstance(self.generate, int) or self.generate < 2):
             raise CompareConfigError(f"{where}.generate: expected a row count >= 2, got {self.generate!r}")
         from taso_llm.data.formats import FORMATS
@@ -150,11 +159,11 @@ def _task(name: str, values, where: str) -> TaskSpec:
     if "test" not in values:
         raise CompareConfigError(f"{where}.test: missing (the rows every method is evaluated on)")
     test = _build(DataSpec, values.pop("test"), f"{where}.test")
-    test.check(f"{where}.test")
+    test.check(f"{where}.test", name)
     train = values.pop("train", None)
     if train is not None:
         train = _build(DataSpec, train, f"{where}.train")
-        train.check(f"{where}.train")
+        train.check(f"{where}.train", name)
     spec = _build(TaskSpec, values, where, name=name, test=test, train=train)
     if spec.eval_limit is not None:
         _positive_int(spec.eval_limit, f"{where}.eval_limit")

@@ -69,7 +69,7 @@ def prepare_data(config: CompareConfig) -> None:
     for name, task in config.tasks.items():
         for which, spec in (("train", task.train), ("test", task.test)):
             if spec is not None and spec.generate is not None and not data_file(config, name, which).is_file():
-                write_task_data(data_file(config, name, which), name, spec.generate, spec.seed)
+                write_task_data(data_file(config, name, which), spec.generator or name, spec.generate, spec.seed)
 
 
 def data_overrides(config: CompareConfig, task: str) -> dict:

@@ -1,7 +1,7 @@
 """The bundled default SFT set (`dataset_name: taso-tiny`): a fixed mix of the three synthetic families.
 
 The file is committed so the default run needs no generation step, and a test checks it still equals
-`bundled_rows()` (regenerate with `python -m taso_llm.data.synthetic --write-bundled`).
+`bundled_rows()` (regenerate with `python -m taso_llm.data.bundled_set`).
 """
 
 from __future__ import annotations
@@ -30,3 +30,7 @@ def bundled_rows() -> list[dict]:
 def write_bundled(path: str | Path = BUNDLED_PATH) -> Path:
     write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in bundled_rows()))
     return Path(path)
+
+
+if __name__ == "__main__":
+    print(write_bundled())

@@ -1,12 +1,17 @@
 """Synthetic tasks on which a tiny model's learning is visible: short, checkable, deterministic given a seed.
 
-Three families, all in the common row schema (see schema.py):
-  * math_word_problems: multi-step arithmetic stories, worked solution ending in `#### n`, `answer` = n.
+Four families, all in the common row schema (see schema.py):
+  * math_word_problems: multi-step arithmetic stories, worked solution ending in `#### n`, `answer` = n (the bundled
+    default set and the tiny recipes).
+  * composed_word_problems: the proxy comparison's math task: compositions of sub-skills the proxy base learned in
+    pretraining (`pretraining_text`) that it never saw composed: two-step changes, "how many more than", "more than
+    ... together"; same `#### n` layout.
   * code_tasks: small Python functions; completion = reference solution, `tests` = asserts, `entry_point` = name.
   * instruct_tasks: format-following instructions with one correct response; `answer` = that response, and
     `check_instruct` is the checker (exact match after stripping surrounding whitespace).
 
-`python -m taso_llm.data.synthetic --write-bundled` regenerates the bundled default set (see bundled.py).
+`pretraining_text` is the proxy base's corpus (taso_llm/proxy.py). `python -m taso_llm.data.bundled_set`
+regenerates the bundled default set.
 """
 
 from __future__ import annotations
@@ -70,6 +75,58 @@ def math_word_problem(rng: random.Random, steps: tuple[int, int] = (1, 3)) -> di
 def math_word_problems(n: int, seed: int, steps: tuple[int, int] = (1, 3)) -> list[dict]:
     rng = random.Random(f"math-{seed}")
     return [math_word_problem(rng, steps) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------------------ composed math (proxy)
+# Compositions of the pretraining sub-skills (one-step stories copied into an equation, 2-digit facts, chains) that
+# pretraining never shows: two steps on one count, "how many more than" (a difference of two people's counts), and
+# "k more than ... together". Each template returns (question, equation lines, answer); the solution is the equations,
+# one per line, then `#### answer`.
+def _composed_two_changes(rng, name, pronoun, other, item):
+    start = rng.randint(10, 60)
+    lines, total, sentences = [], start, []
+    for _ in range(2):
+        if rng.random() < 0.5 or total < 12:
+            k = rng.randint(2, 30)
+            sentences.append(f"{pronoun} {rng.choice(['buys', 'finds'])} {k} more.")
+            lines.append(f"{total} + {k} = {total + k}")
+            total += k
+        else:
+            k = rng.randint(2, total - 2)
+            sentences.append(f"{pronoun} gives {k} away.")
+            lines.append(f"{total} - {k} = {total - k}")
+            total -= k
+    sentences[1] = "Then " + sentences[1][0].lower() + sentences[1][1:]
+    question = f"{name} has {start} {item}. {' '.join(sentences)} How many {item} does {name} have now?"
+    return question, lines, total
+
+
+def _composed_how_many_more(rng, name, pronoun, other, item):
+    b = rng.randint(5, 60)
+    a = b + rng.randint(2, 40)
+    question = f"{name} has {a} {item}. {other} has {b} {item}. How many more {item} does {name} have than {other}?"
+    return question, [f"{a} - {b} = {a - b}"], a - b
+
+
+def _composed_more_than_together(rng, name, pronoun, other, item):
+    a, k = rng.randint(5, 50), rng.randint(2, 30)
+    question = (f"{name} has {a} {item}. {other} has {k} more {item} than {name}. "
+                f"How many {item} do they have together?")
+    return question, [f"{a} + {k} = {a + k}", f"{a} + {a + k} = {a + a + k}"], a + a + k
+
+
+COMPOSED_TEMPLATES = [_composed_two_changes, _composed_how_many_more, _composed_more_than_together]
+
+
+def composed_word_problem(rng: random.Random) -> dict:
+    (name, pronoun), (other, _) = rng.sample(NAMES, 2)
+    question, lines, answer = rng.choice(COMPOSED_TEMPLATES)(rng, name, pronoun, other, rng.choice(ITEMS))
+    return user_row(question, "\n".join([*lines, f"#### {answer}"]), "math", answer=str(answer))
+
+
+def composed_word_problems(n: int, seed: int) -> list[dict]:
+    rng = random.Random(f"composed-math-{seed}")
+    return [composed_word_problem(rng) for _ in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------------------- code
@@ -212,16 +269,18 @@ def check_instruct(row: dict, response: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- pretraining
-# Plain-text documents that teach the sub-skills the SFT tasks compose (copying numbers, arithmetic facts, code
-# shapes, output formats), for pretraining a proxy base model before fine-tuning.
-ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+# Plain-text documents for the proxy base (taso_llm/proxy.py). They teach the sub-skills the proxy's SFT tasks compose
+# but never their layout (no chat turns, no `####` answers) nor the math compositions (composed_word_problems): the
+# base must already read numbers out of a sentence, know 2-digit facts and carry a result into the next equation, so
+# that fine-tuning has something to compose, and how well a method composes it is what the comparison measures.
+ARITHMETIC = {"+": operator.add, "-": operator.sub}
 
 
 def _doc_arithmetic(rng):
     lines = []
     for _ in range(rng.randint(6, 10)):
-        a, b = rng.randint(0, 60), rng.randint(0, 60)
-        op = rng.choice("+-*")
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        op = rng.choice("+-")
         a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)  # facts stay non-negative, like the word problems
         lines.append(f"{a} {op} {b} = {ARITHMETIC[op](a, b)}.")
     return "\n".join(lines)
@@ -231,9 +290,39 @@ def _doc_copy(rng):
     return "\n".join(f"Copy the number {n}: {n}." for n in (rng.randint(0, 9999) for _ in range(rng.randint(4, 8))))
 
 
-def _doc_word_problem(rng):
-    row = math_word_problem(rng)
-    return f"Question: {row['prompt'][0]['content']}\nAnswer: {row['completion'][0]['content']}"
+def _story_sentence(rng):
+    """One event copied into its equation: a change to one count, or two people's counts added."""
+    (name, pronoun), (other, _) = rng.sample(NAMES, 2)
+    item, a = rng.choice(ITEMS), rng.randint(10, 70)
+    kind = rng.randrange(3)
+    if kind == 0:
+        k = rng.randint(2, 30)
+        return f"{name} has {a} {item}. {pronoun} {rng.choice(['buys', 'finds'])} {k} more, so {a} + {k} = {a + k}."
+    if kind == 1:
+        k = rng.randint(2, a - 2)
+        return f"{name} has {a} {item}. {pronoun} gives {k} away, so {a} - {k} = {a - k}."
+    b = rng.randint(5, 60)
+    return f"{name} has {a} {item} and {other} has {b} {item}. Together they have {a} + {b} = {a + b} {item}."
+
+
+def _doc_stories(rng):
+    return "\n".join(_story_sentence(rng) for _ in range(rng.randint(3, 6)))
+
+
+def _doc_chain(rng):
+    """A running total: each equation starts from the previous result (carrying a number forward)."""
+    total = rng.randint(10, 60)
+    parts = [f"Start with {total}."]
+    for _ in range(rng.randint(2, 4)):
+        if rng.random() < 0.5 or total < 12:
+            k = rng.randint(2, 30)
+            parts.append(f"Add {k}: {total} + {k} = {total + k}.")
+            total += k
+        else:
+            k = rng.randint(2, total - 2)
+            parts.append(f"Take away {k}: {total} - {k} = {total - k}.")
+            total -= k
+    return " ".join(parts)
 
 
 def _doc_code(rng):
@@ -246,27 +335,12 @@ def _doc_format(rng):
                         for row in (instruct_task(rng) for _ in range(rng.randint(2, 4))))
 
 
-PRETRAINING_DOCS = [_doc_arithmetic, _doc_copy, _doc_word_problem, _doc_code, _doc_format]
+# (document kind, share of the documents): mostly the math sub-skills, which need the most data to become reliable.
+PRETRAINING_DOCS = [(_doc_arithmetic, 0.25), (_doc_copy, 0.05), (_doc_stories, 0.25), (_doc_chain, 0.15),
+                    (_doc_code, 0.22), (_doc_format, 0.08)]
 
 
 def pretraining_text(n_docs: int, seed: int) -> list[str]:
     rng = random.Random(f"pretraining-{seed}")
-    return [rng.choice(PRETRAINING_DOCS)(rng) for _ in range(n_docs)]
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write-bundled", action="store_true", help="regenerate taso_llm/data/bundled/tiny_sft.jsonl")
-    args = parser.parse_args(argv)
-    if args.write_bundled:
-        from taso_llm.data.bundled_set import write_bundled
-
-        print(write_bundled())
-    else:
-        parser.print_help()
-
-
-if __name__ == "__main__":
-    main()
+    kinds, shares = zip(*PRETRAINING_DOCS)
+    return [rng.choices(kinds, shares)[0](rng) for _ in range(n_docs)]
