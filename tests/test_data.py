@@ -179,9 +179,11 @@ def test_malformed_row_names_file_row_field(tmp_path, fmt, bad, field, fragment)
 
 
 def test_wrong_type_names_row_and_field(tmp_path):
-    path = write_rows(tmp_path / "ints.jsonl", [{"instruction": "a", "output": 1}, {"instruction": "b", "output": 2}])
+    # Numbers are text (test_data_files.py); a list where text belongs is still refused, by file, row and field.
+    path = write_rows(tmp_path / "lists.jsonl", [{"instruction": "a", "output": ["x"]},
+                                                 {"instruction": "b", "output": ["y"]}])
     with pytest.raises(DataFormatError,
-                       match=r"ints\.jsonl, row 0 \(0-based\), field 'output': expected a string, got int"):
+                       match=r"lists\.jsonl, row 0 \(0-based\), field 'output': expected a string, got list"):
         load_all(path, "alpaca")
 
 

@@ -1,6 +1,7 @@
 """Data loading for SFT: formats, mixtures, held-out split, length policy, synthetic tasks.
 
-Every split comes out in TRL's conversational prompt-completion format plus fixed metadata columns (schema.py).
+Every split comes out in TRL's prompt-completion format plus fixed metadata columns (schema.py): conversational
+(message lists) by default, standard (plain text) for a tokenizer without a chat template (standard.py).
 """
 
 from taso_llm.data.args import DataArguments

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 
 from taso_llm.data.formats import FORMATS
+from taso_llm.data.standard import PROMPT_FORMATS, check_system_prompt
 
 LENGTH_POLICIES = ("truncate", "drop")
 # Keys a mixture entry may carry. `path` and `dataset_name` are synonyms.
@@ -40,11 +41,19 @@ class DataArguments:
         "help": "Rows longer than max_length: 'truncate' keeps them (the trainer truncates), 'drop' removes them."})
     system_prompt: str | None = field(default=None, metadata={
         "help": "Prepended as a system message to every prompt that does not already start with one."})
+    prompt_format: str = field(default="auto", metadata={
+        "help": "How rows reach the model, in TRL's terms: 'conversational' (message lists rendered with the chat "
+                "template, the tokenizer's own or chat_template_path) or 'standard' (plain prompt + completion text, "
+                "eos appended, loss on the completion). 'auto': conversational if the tokenizer has a chat template."})
 
     def __post_init__(self):
         if self.dataset_format != "auto" and self.dataset_format not in FORMATS:
             raise ValueError(f"DataArguments.dataset_format: unknown format {self.dataset_format!r}; expected auto "
                              f"or one of {list(FORMATS)}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"DataArguments.prompt_format: expected one of {PROMPT_FORMATS}, got "
+                             f"{self.prompt_format!r}")
+        check_system_prompt(self.system_prompt, standard=self.prompt_format == "standard")
         if self.max_length_policy not in LENGTH_POLICIES:
             raise ValueError(f"DataArguments.max_length_policy: expected one of {LENGTH_POLICIES}, got "
                              f"{self.max_length_policy!r}")

@@ -11,6 +11,7 @@ from datasets import Dataset
 from taso_llm.data.errors import DataFormatError
 from taso_llm.data.formats import CONVERTERS, FORMATS, REQUIRED_COLUMNS, RowError, matching_formats
 from taso_llm.data.schema import FEATURES
+from taso_llm.data.standard import STANDARD_FEATURES, standard_row
 
 
 def detect_format(columns: list[str], requested: str, source: str) -> str:
@@ -34,17 +35,20 @@ def detect_format(columns: list[str], requested: str, source: str) -> str:
                           field="dataset_format")
 
 
-def convert_dataset(ds: Dataset, fmt: str, source: str) -> Dataset:
-    """Convert `ds` (format name or auto) to the common schema. Row indices in errors are positions in `ds`."""
+def convert_dataset(ds: Dataset, fmt: str, source: str, standard: bool = False) -> Dataset:
+    """Convert `ds` (format name or auto) to the common schema, or with `standard` to plain prompt/completion text
+    (standard.py). Row indices in errors are positions in `ds`."""
     fmt = detect_format(list(ds.column_names), fmt, source)
     converter = CONVERTERS[fmt]
 
     def convert_row(row: dict, index: int) -> dict:
         try:
-            return converter(row)
+            converted = converter(row)
+            return standard_row(converted, fmt, row.get("prompt")) if standard else converted
         except RowError as err:
             raise DataFormatError(source, str(err), row=index, field=err.field) from None
 
     # No cache files: a converted copy is cheap to rebuild, and a stale cache must never hide a validation error.
-    return ds.map(convert_row, with_indices=True, remove_columns=list(ds.column_names), features=FEATURES,
-                  load_from_cache_file=False, desc=f"Converting {source} ({fmt})")
+    return ds.map(convert_row, with_indices=True, remove_columns=list(ds.column_names),
+                  features=STANDARD_FEATURES if standard else FEATURES, load_from_cache_file=False,
+                  desc=f"Converting {source} ({fmt}{', standard' if standard else ''})")

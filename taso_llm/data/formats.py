@@ -6,6 +6,7 @@ every error names file/dataset, row and field. Detection signatures live here to
 
 from __future__ import annotations
 
+import math
 import re
 
 from taso_llm.data.schema import META_COLUMNS, TASKS, make_row, message, user_row
@@ -20,15 +21,26 @@ class RowError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------- field access
+def as_text(value, field: str) -> str | None:
+    """A field's value as text. Numbers are text too: JSON `"answer": 50` and a CSV/Parquet column of numbers mean
+    the digits. A float column turns 50 into 50.0 (Arrow widens mixed int/float columns), so integral floats are
+    written as integers; NaN is pandas' missing value. Booleans, lists and mappings are refused."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, type(None))):
+        raise RowError(field, f"expected a string, got {type(value).__name__}")
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        return str(int(value)) if value.is_integer() else repr(value)
+    return value if value is None else str(value)
+
+
 def text(row: dict, field: str, *, optional: bool = False) -> str:
     """A string field; required ones must be non-empty (an empty completion or prompt teaches nothing)."""
-    value = row.get(field)
+    value = as_text(row.get(field), field)
     if value is None:
         if optional:
             return ""
         raise RowError(field, "missing field")
-    if not isinstance(value, str):
-        raise RowError(field, f"expected a string, got {type(value).__name__}")
     if not optional and not value.strip():
         raise RowError(field, "empty string")
     return value
@@ -54,9 +66,10 @@ def chat_messages(value, field: str, roles: dict[str, str], role_key: str, conte
         role = turn.get(role_key)
         if role not in roles:
             raise RowError(f"{field}[{i}].{role_key}", f"unknown role {role!r}; expected one of {sorted(roles)}")
-        content = turn.get(content_key)
-        if not isinstance(content, str):
-            raise RowError(f"{field}[{i}].{content_key}", f"expected a string, got {type(content).__name__}")
+        where = f"{field}[{i}].{content_key}"
+        content = as_text(turn.get(content_key), where)
+        if content is None:
+            raise RowError(where, "missing content")
         out.append(message(roles[role], content))
     return out
 

@@ -6,11 +6,16 @@ Order of operations (each step deterministic given `seed`):
   3. system_prompt is prepended to prompts that have no system message;
   4. validation = the sources' `dataset_test_split` if set, else a seeded held-out subset of `validation_size`;
   5. max_train_samples caps the train split with a seeded random subset (so mixture proportions hold on average,
-     exactly only in the pre-split mixture).
+     exactly only in the pre-split mixture);
+  6. duplicated training rows, and validation rows that also occur in training, are counted and warned about.
+
+Given the run's tokenizer, rows come out conversational or standard (plain text) as `prompt_format` and the
+tokenizer's chat template decide (standard.py); without one they are conversational.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -24,6 +29,7 @@ from taso_llm.data.errors import DataFormatError
 from taso_llm.data.mixture import mix, seeded_subset
 from taso_llm.data.schema import FEATURES, message
 from taso_llm.data.sources import load_source
+from taso_llm.data.standard import check_system_prompt, use_conversational
 
 logger = logging.getLogger("taso_llm")
 
@@ -50,9 +56,9 @@ def source_specs(args: DataArguments) -> list[SourceSpec]:
             for name, spec in args.dataset_mixture.items()]
 
 
-def load_converted(spec: SourceSpec, split: str) -> Dataset:
+def load_converted(spec: SourceSpec, split: str, standard: bool) -> Dataset:
     label = spec.dataset_name if spec.split == split else f"{spec.dataset_name}[{split}]"
-    return convert_dataset(load_source(spec.dataset_name, split, spec.config), spec.format, label)
+    return convert_dataset(load_source(spec.dataset_name, split, spec.config), spec.format, label, standard)
 
 
 def add_system_prompt(ds: Dataset, system_prompt: str | None) -> Dataset:
@@ -86,9 +92,12 @@ def hold_out(ds: Dataset, validation_size: float, seed: int, source: str) -> tup
     return ds.select(np.sort(order[n_val:])), ds.select(np.sort(order[:n_val]))
 
 
-def load_sft_splits(data_args: DataArguments, seed: int = 0) -> DatasetDict:
+def load_sft_splits(data_args: DataArguments, seed: int = 0, tokenizer=None) -> DatasetDict:
+    """`tokenizer`: the run's (with any chat_template_path applied); it decides conversational vs standard rows."""
+    standard = not use_conversational(data_args.prompt_format, tokenizer)
+    check_system_prompt(data_args.system_prompt, standard)
     specs = source_specs(data_args)
-    converted = {spec.name: load_converted(spec, spec.split) for spec in specs}
+    converted = {spec.name: load_converted(spec, spec.split, standard) for spec in specs}
     label = specs[0].dataset_name if len(specs) == 1 else f"mixture {list(converted)}"
     if len(specs) == 1:
         pool = converted[specs[0].name]
@@ -101,16 +110,38 @@ def load_sft_splits(data_args: DataArguments, seed: int = 0) -> DatasetDict:
     with_test = [spec for spec in specs if spec.test_split and spec.weight > 0]
     if with_test:
         train = pool
-        validation = concatenate_datasets([load_converted(spec, spec.test_split) for spec in with_test])
+        validation = concatenate_datasets([load_converted(spec, spec.test_split, standard) for spec in with_test])
         validation = add_system_prompt(validation, data_args.system_prompt)
     else:
         train, validation = hold_out(pool, data_args.validation_size, seed, label)
 
     if data_args.max_train_samples is not None and data_args.max_train_samples < len(train):
         train = seeded_subset(train, data_args.max_train_samples, np.random.default_rng([seed, 1]))
-    logger.info("data: %s -> %d train / %d validation rows (tasks: %s)", label, len(train), len(validation),
-                task_counts(train))
+    logger.info("data: %s -> %d train / %d validation rows (tasks: %s, %s)", label, len(train), len(validation),
+                task_counts(train), "standard text" if standard else "conversational")
+    warn_repeats(train, validation)
     return DatasetDict(train=train, validation=validation)
+
+
+def row_keys(ds: Dataset) -> list[str]:
+    """What makes two rows the same example: prompt and completion (metadata is derived from them)."""
+    return [json.dumps([prompt, completion]) for prompt, completion in zip(ds["prompt"], ds["completion"])]
+
+
+def warn_repeats(train: Dataset, validation: Dataset) -> dict[str, int]:
+    """Count training rows that repeat an earlier one, and validation rows that also occur in training; warn."""
+    train_keys = row_keys(train)
+    seen = set(train_keys)
+    counts = {"train_duplicates": len(train_keys) - len(seen),
+              "validation_in_train": sum(key in seen for key in row_keys(validation))}
+    if counts["train_duplicates"]:
+        logger.warning("data: %d of %d training rows repeat an earlier row (same prompt and completion); repeated "
+                       "examples weigh more in the loss", counts["train_duplicates"], len(train_keys))
+    if counts["validation_in_train"]:
+        logger.warning("data: %d of %d validation rows also occur in the training split (same prompt and "
+                       "completion); the validation loss partly measures memorisation", counts["validation_in_train"],
+                       len(validation))
+    return counts
 
 
 def task_counts(ds: Dataset) -> dict[str, int]:
