@@ -100,3 +100,81 @@ def test_update_never_reads_base_weight():
     layer = SparseAdapterLinear(Opaque(), UPDATES["lora_block"](region, alpha=1.0, dtype=torch.float32))
     x = torch.randn(4, 10)
     torch.testing.assert_close(layer(x), layer.base(x))
+
+
+def _reference_layer_output(base, update, x):
+    """The unfused path: plain autograd through update(x) and an out-of-place scatter."""
+    contribution, rows = update(x)
+    return base(x).index_add(-1, rows, contribution)
+
+
+def _grads(loss, tensors):
+    for t in tensors:
+        t.grad = None
+    loss.backward()
+    return [t.grad.clone() for t in tensors]
+
+
+@pytest.mark.parametrize("structure", list(UPDATES))
+@pytest.mark.parametrize("checkpointed", [None, "reentrant", "non_reentrant"])
+def test_fused_step_equals_autograd_reference(structure, checkpointed):
+    """The fused Functions' hand-written backward = autograd on the reference path, to fp64 round-off; also under
+    reentrant activation checkpointing (recomputed forwards make new gradient slots)."""
+    torch.manual_seed(1)
+    region = _region(structure, d_out=40, d_in=30)
+    base = nn.Linear(30, 40, dtype=torch.float64).requires_grad_(False)
+    update = UPDATES[structure](region, alpha=3.0, dtype=torch.float64)
+    for p in update.parameters():
+        nn.init.normal_(p)
+    layer = SparseAdapterLinear(base, update)
+    x = torch.randn(3, 5, 30, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, 40, dtype=torch.float64)
+    if checkpointed:
+        from torch.utils.checkpoint import checkpoint
+
+        y = checkpoint(lambda t: layer(t) * 1.0, x, use_reentrant=checkpointed == "reentrant")
+    else:
+        y = layer(x)
+    grads = _grads((y * w).sum(), [*update.parameters(), x])
+    y_ref = _reference_layer_output(base, update, x)
+    ref = _grads((y_ref * w).sum(), [*update.parameters(), x])
+    torch.testing.assert_close(y, y_ref)
+    for got, want in zip(grads, ref):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+class _InputSizedAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts ops whose output has as many elements as the layer input (N × d_in): dense input-sized tensors."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            in_place = func.__name__.split(".")[0].endswith("_")  # writes into an existing tensor
+            aliasing = func.__name__.split(".")[0] in ("view", "_unsafe_view", "detach", "alias")
+            if isinstance(t, torch.Tensor) and t.numel() == self.numel and not (in_place or aliasing):
+                self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("structure", list(UPDATES))
+def test_fused_backward_builds_no_extra_dense_input_gradient(structure):
+    """The frozen layer's backward makes one N × d_in input gradient; the fused adapter adds nothing input-sized
+    (no zero tensor to scatter into, no second gradient to sum), while the plain autograd path adds some."""
+    region = _region(structure, d_out=40, d_in=30)
+    base = nn.Linear(30, 40).requires_grad_(False)
+    update = UPDATES[structure](region, alpha=1.0, dtype=torch.float32)
+
+    def count(forward):
+        x = torch.randn(64, 30, requires_grad=True)
+        y = forward(x)
+        with _InputSizedAllocations(x.numel()) as mode:
+            y.sum().backward()
+        return mode.count
+
+    floor = count(base)
+    assert count(SparseAdapterLinear(base, update)) == floor
+    assert count(lambda x: _reference_layer_output(base, update, x)) > floor

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .wrap import attach_updates, iter_adapters
-from ..io import save_safetensors, write_json
+from ..io import load_safetensors, save_safetensors, write_json
 from ..sparse.regions import Region
 
 ADAPTER_FORMAT = "taso-adapter/1"
@@ -62,8 +62,6 @@ def save_adapter(model: nn.Module, output_dir: str | Path, base_model: str, extr
 
 
 def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
     adapter_dir = Path(adapter_dir)
     cfg_path = adapter_dir / CONFIG_NAME
     if not cfg_path.is_file():
@@ -72,7 +70,8 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]
     if config.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{cfg_path}: format {config.get('format')!r}, expected {ADAPTER_FORMAT!r} "
                          "(a PEFT adapter loads with peft.PeftModel.from_pretrained)")
-    return config, load_file(str(adapter_dir / WEIGHTS_NAME))
+    return config, load_safetensors(adapter_dir / WEIGHTS_NAME, what="adapter weights",
+                                    fix="re-save the adapter (re-run training, or resume from an intact checkpoint)")
 
 
 def regions_from_state(config: dict, state: dict[str, torch.Tensor]) -> dict[str, Region]:

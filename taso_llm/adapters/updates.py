@@ -1,8 +1,11 @@
 """Sparse updates: each reads a few input columns and writes a few output rows of a frozen linear layer.
 
-An update returns (contribution, out_index): `contribution[..., k]` is added to output feature `out_index[k]`.
-No dense d_out × d_in tensor is built in forward or backward; the dense forms below (`delta_weight`, `lora_factors`)
-exist only for merge/export, run once offline.
+Called as `update(x)` an update returns (contribution, out_index): `contribution[..., k]` is added to output feature
+`out_index[k]`, through plain autograd (the reference path tests compare with). Called as `update(x, out=..., slot=...)`
+it adds itself into the base output in place through its fused Function (fused.py: hand-written backward, input
+gradient added into the base's at the core columns only); the wrapper uses that path. Either way no dense
+d_out × d_in tensor is built in forward or backward; the dense forms below (`delta_weight`, `lora_factors`) exist only
+for merge/export, run once offline.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 from torch import nn
 
 from ..sparse.regions import Region
+from .fused import DenseBlockFn, EntriesFn, LoraBlockFn
 
 
 def _register_indices(update: nn.Module, region: Region, device) -> None:
@@ -27,6 +31,7 @@ class LoraBlockUpdate(nn.Module):
     """ΔW[R, C] = (alpha / r) · B A, with A: r × |C| (random init) and B: |R| × r (zero init)."""
 
     structure = "lora_block"
+    fused = True
 
     def __init__(self, region: Region, alpha: float, dtype: torch.dtype, device=None):
         super().__init__()
@@ -40,8 +45,10 @@ class LoraBlockUpdate(nn.Module):
     def scaling(self) -> float:
         return self.alpha / self.rank
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = x.index_select(-1, self.cols) @ self.lora_A.T
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, slot=None):
+        if out is not None:
+            return LoraBlockFn.apply(out, x, self.rows, self.cols, self.lora_A, self.lora_B, self.scaling, slot)
+        h = x.index_select(-1, self.cols).to(self.lora_A.dtype) @ self.lora_A.T
         return (h @ self.lora_B.T) * self.scaling, self.rows
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -59,14 +66,17 @@ class DenseBlockUpdate(nn.Module):
     """ΔW[R, C] = D, a free |R| × |C| block, zero init."""
 
     structure = "dense_block"
+    fused = True
 
     def __init__(self, region: Region, alpha: float, dtype: torch.dtype, device=None):
         super().__init__()
         _register_indices(self, region, device)
         self.delta = nn.Parameter(torch.zeros(len(region.rows), len(region.cols), dtype=dtype, device=device))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x.index_select(-1, self.cols) @ self.delta.T, self.rows
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, slot=None):
+        if out is not None:
+            return DenseBlockFn.apply(out, x, self.rows, self.cols, self.delta, slot)
+        return x.index_select(-1, self.cols).to(self.delta.dtype) @ self.delta.T, self.rows
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Exact as a LoRA of rank |C|: A selects the core columns, B holds the block in the core rows."""
@@ -85,14 +95,17 @@ class EntriesUpdate(nn.Module):
     """ΔW[rows[k], cols[k]] = values[k] at stored indices, zero init; the gradient exists only at those entries."""
 
     structure = "entries"
+    fused = True
 
     def __init__(self, region: Region, alpha: float, dtype: torch.dtype, device=None):
         super().__init__()
         _register_indices(self, region, device)
         self.values = nn.Parameter(torch.zeros(len(region.rows), dtype=dtype, device=device))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x.index_select(-1, self.cols) * self.values, self.rows
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, slot=None):
+        if out is not None:
+            return EntriesFn.apply(out, x, self.rows, self.cols, self.values, slot)
+        return x.index_select(-1, self.cols).to(self.values.dtype) * self.values, self.rows
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Exact as a LoRA whose rank is the number of distinct columns (A one-hot per column, B the values)."""

@@ -6,11 +6,17 @@ import torch
 from torch import nn
 
 from ..sparse.regions import Region
+from .fused import fused_call
 from .updates import UPDATES
 
 
 class SparseAdapterLinear(nn.Module):
-    """A frozen linear layer plus a sparse update: y = base(x), then y[..., out_index] += contribution."""
+    """A frozen linear layer plus a sparse update: y = base(x), then y[..., out_index] += contribution.
+
+    Updates with a fused Function (`fused = True`: adapters/fused.py) add themselves in place and route their input
+    gradient into the base's at the core columns; others go through plain autograd below. Under torch.compile the
+    plain path is traced instead: the fused Functions hand the input gradient over through a Python object, which
+    a compiled graph cannot carry (and the compiler fuses the gather / scatter itself)."""
 
     def __init__(self, base: nn.Module, update: nn.Module):
         super().__init__()
@@ -18,6 +24,8 @@ class SparseAdapterLinear(nn.Module):
         self.update = update
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self.update, "fused", False) and not torch.compiler.is_compiling():
+            return fused_call(self.base, self.update, x)
         out = self.base(x)
         dtype = next(self.update.parameters()).dtype
         contribution, out_index = self.update(x.to(dtype))

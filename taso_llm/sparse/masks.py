@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import save_safetensors
+from ..io import read_safetensors_header, save_safetensors
 from .regions import Region
 
 MASKS_FORMAT = "taso-masks/1"
@@ -37,10 +37,8 @@ def load_masks(path: str | Path) -> tuple[dict[str, Region], dict]:
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"masks_path: no masks file at {path}")
+    meta = read_safetensors_header(path, what="masks file", fix="delete it, or drop masks_path to select masks again")
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
         if "taso" not in meta:
             raise ValueError(f"{path}: not a taso masks file (no 'taso' metadata header)")
         header = json.loads(meta["taso"])

@@ -1,0 +1,140 @@
+"""Fused sparse-update steps: add the update into the base layer's output in place, and in backward add the update's
+input gradient into the base layer's input gradient at the core columns only.
+
+Plain autograd on `out.index_add_(rows, f(x.index_select(cols)))` costs, per layer and step: index_select's backward
+allocates a dense zero N × d_in tensor and scatters into it, and autograd then adds that whole tensor onto the base
+layer's input gradient (x feeds both the base and the update). Here instead:
+
+    x ──InjectInputGrad──▶ base(·) ──▶ out ──Fused*Fn (in place)──▶ y
+          ▲ backward: grad_x[..., cols] += g_xc          │ backward: parameter grads from the gathered columns,
+          └──────────────── GradSlot ◀───────────────────┘ g_xc = ∂L/∂x[..., cols] left in the slot
+
+The update Function gets x detached (it never returns a dense input gradient); it leaves the |C|-column input
+gradient in a `GradSlot`, and an identity Function in front of the base layer adds it into the base layer's input
+gradient in place, at the core columns. Autograd runs the update's backward first (it consumes the base's output) and
+the identity's last (the base consumes its output), so the slot is always filled in time, also under reentrant
+activation checkpointing (each recomputed forward makes a new slot). The base layer is called, never read.
+Each backward is written out by hand from the forward's saved gathered columns: tests compare it with autograd on
+the reference path (`update(x)` without `out`) and with an explicit dense ΔW.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class GradSlot:
+    """Carries the update's input gradient at the core columns from its backward to the identity in front of the
+    base. `wanted` is False when x needs no gradient (then nothing is computed)."""
+
+    __slots__ = ("cols", "grad", "wanted")
+
+    def __init__(self, cols: torch.Tensor, wanted: bool):
+        self.cols, self.grad, self.wanted = cols, None, wanted
+
+    def put(self, grad_cols: torch.Tensor) -> None:
+        self.grad = grad_cols if self.grad is None else self.grad + grad_cols
+
+
+class InjectInputGrad(torch.autograd.Function):
+    """Identity on x; in backward, adds the slot's gradient at its columns into the incoming (base) input gradient."""
+
+    @staticmethod
+    def forward(ctx, x, slot: GradSlot):
+        ctx.slot = slot
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        slot = ctx.slot
+        if slot.grad is not None:
+            # The incoming gradient is the base layer's fresh input gradient (this node's only consumer): adding into
+            # it in place at |C| columns is the whole point. A gradient that is itself part of a graph (double
+            # backward) is left untouched.
+            target = grad if not grad.requires_grad else grad.clone()
+            target.index_add_(-1, slot.cols, slot.grad.to(target.dtype))
+            slot.grad = None
+            return target, None
+        return grad, None
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+class LoraBlockFn(torch.autograd.Function):
+    """out[..., rows] += s · (x[..., cols] Aᵀ) Bᵀ."""
+
+    @staticmethod
+    def forward(ctx, out, x, rows, cols, lora_A, lora_B, scaling: float, slot: GradSlot):
+        xc = x.index_select(-1, cols).to(lora_A.dtype)
+        h = xc @ lora_A.T
+        out.index_add_(-1, rows, ((h @ lora_B.T) * scaling).to(out.dtype))
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(xc, h, lora_A, lora_B, rows)
+        ctx.scaling, ctx.slot = scaling, slot
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xc, h, lora_A, lora_B, rows = ctx.saved_tensors
+        g = _flat(grad_out.index_select(-1, rows)).to(lora_B.dtype) * ctx.scaling
+        grad_B = g.T @ _flat(h)
+        gh = g @ lora_B
+        grad_A = gh.T @ _flat(xc)
+        if ctx.slot.wanted:
+            ctx.slot.put((gh @ lora_A).reshape(xc.shape))
+        return grad_out, None, None, None, grad_A, grad_B, None, None
+
+
+class DenseBlockFn(torch.autograd.Function):
+    """out[..., rows] += x[..., cols] Dᵀ."""
+
+    @staticmethod
+    def forward(ctx, out, x, rows, cols, delta, slot: GradSlot):
+        xc = x.index_select(-1, cols).to(delta.dtype)
+        out.index_add_(-1, rows, (xc @ delta.T).to(out.dtype))
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(xc, delta, rows)
+        ctx.slot = slot
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xc, delta, rows = ctx.saved_tensors
+        g = _flat(grad_out.index_select(-1, rows)).to(delta.dtype)
+        grad_delta = g.T @ _flat(xc)
+        if ctx.slot.wanted:
+            ctx.slot.put((g @ delta).reshape(xc.shape))
+        return grad_out, None, None, None, grad_delta, None
+
+
+class EntriesFn(torch.autograd.Function):
+    """out[..., rows[k]] += values[k] · x[..., cols[k]]. The value gradient is Σ_tokens g[:, rows[k]] · x[:, cols[k]],
+    formed from the K gathered columns: never a d_out × d_in weight gradient."""
+
+    @staticmethod
+    def forward(ctx, out, x, rows, cols, values, slot: GradSlot):
+        xc = x.index_select(-1, cols).to(values.dtype)
+        out.index_add_(-1, rows, (xc * values).to(out.dtype))
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(xc, values, rows)
+        ctx.slot = slot
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xc, values, rows = ctx.saved_tensors
+        g = _flat(grad_out.index_select(-1, rows)).to(values.dtype)
+        grad_values = (g * _flat(xc)).sum(0)
+        if ctx.slot.wanted:
+            ctx.slot.put((g * values).reshape(xc.shape))
+        return grad_out, None, None, None, grad_values, None
+
+
+def fused_call(base, update, x: torch.Tensor) -> torch.Tensor:
+    """base(x) with `update` added in place through its fused Function (update.fused(out, x, slot))."""
+    wanted = torch.is_grad_enabled() and x.requires_grad
+    slot = GradSlot(update.cols, wanted)
+    out = base(InjectInputGrad.apply(x, slot) if wanted else x)
+    return update(x.detach(), out=out, slot=slot)
