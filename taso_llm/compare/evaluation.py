@@ -48,7 +48,7 @@ def load_test(test: dict):
 
     spec = SourceSpec(test["dataset_name"], test["dataset_name"], test["format"], test["split"],
                       test.get("dataset_config"), None, 1.0)
-    return load_converted(spec, test["split"])
+    return load_converted(spec, test["split"], standard=False)  # chat rows, as training used
 
 
 def instruct_checker(dataset):
