@@ -1,0 +1,142 @@
+"""Does the CPU proxy rank methods? The base model's score, and per method the range over seeds, checked.
+
+    python bench/compare_proxy/acceptance.py          # after recipes/compare.py --config .../proxy.yaml
+
+Reads the comparison's results.json, evaluates the untrained base on the same test rows with the same evaluation
+(cached in base_eval.json), and writes acceptance.json, acceptance.md and exact_match.png beside the report. The
+checks (issue 8): the base scores ~0 exact match (the fine-tuning layout and compositions are new to it); LoRA r=16
+lands between 30% and 85%; LoRA r=16 beats LoRA r=1 with non-overlapping ranges over the seeds; every method's
+learning rate was chosen on validation inside its grid (not at an edge). Test rows are only read here, never chosen on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE_EM_MAX = 0.02            # "~0": at most 4 of 200 test rows by chance
+R16_BAND = (0.30, 0.85)       # room above and below: neither floor nor ceiling hides a difference
+
+
+def evaluate_base(config, task: str, out: Path) -> dict:
+    """The untrained base on the task's test rows, exactly as compare.evaluation scores a trained run."""
+    if out.is_file():
+        return json.loads(out.read_text())
+    from dataclasses import asdict
+
+    from trl import ModelConfig
+
+    from taso_llm.compare.evaluation import load_test
+    from taso_llm.compare.runs import prepare_data, test_source
+    from taso_llm.eval import run_evaluation
+    from taso_llm.io import write_json
+    from taso_llm.loading import load_model_and_tokenizer
+
+    prepare_data(config)
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(model_name_or_path=config.base_model, dtype="float32"))
+    model.eval()
+    result = run_evaluation(model, tokenizer, load_test(asdict(test_source(config, task))), task,
+                            limit=config.tasks[task].eval_limit, batch_size=config.eval.batch_size,
+                            max_new_tokens=config.eval.max_new_tokens, with_nll=True)
+    base = {"task": task, "metrics": result["metrics"], "records": result["records"][:10]}
+    write_json(out, base)
+    return base
+
+
+def summarize(results: dict, config, task: str) -> dict:
+    """Per method: chosen LR and its place in the grid, exact match and answer NLL per seed with min/max/mean."""
+    methods = {}
+    for row in (r for r in results["table"] if r["task"] == task):
+        name, lr = row["method"], row["lr"]
+        grid = sorted(config.methods[name].lr_grid)
+        runs = sorted((r for r in results["runs"] if r["task"] == task and r["method"] == name),
+                      key=lambda r: r["seed"])
+        em, nll = [r["strict_match"] for r in runs], [r["answer_nll"] for r in runs]
+        methods[name] = {"lr": lr, "grid": grid, "lr_interior": grid[0] < lr < grid[-1],
+                         "lr_selected_by": row["lr_selected_by"], "seeds": [r["seed"] for r in runs],
+                         "exact_match": em, "exact_match_min": min(em), "exact_match_max": max(em),
+                         "exact_match_mean": sum(em) / len(em), "answer_nll": nll,
+                         "answer_nll_mean": sum(nll) / len(nll), "trainable_params": row["trainable_params"]}
+    return methods
+
+
+def checks(base: dict, methods: dict) -> dict:
+    r16, r1 = methods.get("lora_r16"), methods.get("lora_r1")
+    out = {"base_exact_match_near_zero": base["metrics"]["strict_match"] <= BASE_EM_MAX}
+    if r16:
+        out["lora_r16_in_band"] = R16_BAND[0] <= r16["exact_match_mean"] <= R16_BAND[1]
+    if r16 and r1:
+        out["lora_r16_above_lora_r1_no_overlap"] = r16["exact_match_min"] > r1["exact_match_max"]
+    out.update({f"{name}_lr_inside_grid": m["lr_interior"] for name, m in methods.items()})
+    out["three_seeds"] = all(len(m["seeds"]) >= 3 for m in methods.values())
+    return out
+
+
+def markdown(base: dict, methods: dict, verdict: dict) -> str:
+    b = base["metrics"]
+    lines = ["| model | lr (grid) | exact match per seed | min–max | mean | test answer NLL (mean) |",
+             "|---|---|---|---|---|---|",
+             f"| base (untrained) | – | {b['strict_match']:.3f} | – | {b['strict_match']:.3f} | {b['answer_nll']:.3f} |"]
+    for name, m in methods.items():
+        grid = ", ".join(f"{x:g}" for x in m["grid"])
+        lines.append(f"| {name} | {m['lr']:g} ({grid}) | {', '.join(f'{x:.3f}' for x in m['exact_match'])} | "
+                     f"{m['exact_match_min']:.3f}–{m['exact_match_max']:.3f} | {m['exact_match_mean']:.3f} | "
+                     f"{m['answer_nll_mean']:.3f} |")
+    lines += ["", "| check | holds |", "|---|---|"] + [f"| {k} | {'yes' if v else '**no**'} |"
+                                                       for k, v in verdict.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(base: dict, methods: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from taso_llm.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for i, (name, m) in enumerate(methods.items()):
+        ax.plot([i] * len(m["exact_match"]), m["exact_match"], "o", color=f"C{i}", alpha=0.8)
+        ax.hlines(m["exact_match_mean"], i - 0.25, i + 0.25, color=f"C{i}")
+    ax.axhline(base["metrics"]["strict_match"], color="gray", ls=":", label="untrained base")
+    ax.axhspan(*R16_BAND, color="C2", alpha=0.07, label="LoRA r=16 target band")
+    ax.set_xticks(range(len(methods)), list(methods))
+    ax.set(ylabel="test exact match", ylim=(0, 1), title="proxy math: each dot one seed")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "recipes/configs/compare/proxy.yaml"))
+    p.add_argument("--task", default="math")
+    args = p.parse_args(argv)
+    from taso_llm.compare import load_compare_config
+    from taso_llm.io import write_json, write_text
+
+    config = load_compare_config(args.config)
+    report = Path(config.report_dir or config.output_dir)
+    results = json.loads((report / "results.json").read_text())
+    base = evaluate_base(config, args.task, report / "base_eval.json")
+    methods = summarize(results, config, args.task)
+    verdict = checks(base, methods)
+    write_json(report / "acceptance.json", {"task": args.task, "base": base["metrics"], "methods": methods,
+                                            "checks": verdict})
+    text = markdown(base, methods, verdict)
+    write_text(report / "acceptance.md", f"# Does the proxy rank methods? ({args.task})\n\n{__doc__.split(chr(10))[0]}"
+               f"\n\n{text}")
+    plot(base, methods, report / "exact_match.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
