@@ -1,17 +1,18 @@
 """Pretrain (or find cached) the proxy base model used by the method comparison on CPU.
 
-    python recipes/pretrain_proxy.py                      # ~10 minutes on one CPU core; prints the directory
-    python recipes/pretrain_proxy.py --max_minutes 12     # stop early on a slow machine (the model is still cached)
+    python recipes/pretrain_proxy.py                      # 1000 steps, ~25 minutes on one CPU core; prints the directory
+    python recipes/pretrain_proxy.py --max_minutes 40     # stop early on a slow machine (cached; its log says so)
 
 The model lands in $TASO_LLM_CACHE/taso-proxy-<hash> (default ~/.cache/taso_llm); recipes refer to it as
-`model_name_or_path: taso-proxy`. See taso_llm/proxy.py for what it is trained on and why.
+`model_name_or_path: taso-proxy`. What defines it (size, steps, cache key) is in taso_llm/tiny.py; what it is trained on
+and why, in taso_llm/proxy.py.
 """
 
 import argparse
 import logging
 import os
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: one thread is faster on shared cores (proxy.py)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: on 2 shared cores one thread ran ~2x faster than two
 
 
 def main(argv=None):

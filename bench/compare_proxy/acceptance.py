@@ -43,9 +43,48 @@ def evaluate_base(config, task: str, out: Path) -> dict:
     result = run_evaluation(model, tokenizer, load_test(asdict(test_source(config, task))), task,
                             limit=config.tasks[task].eval_limit, batch_size=config.eval.batch_size,
                             max_new_tokens=config.eval.max_new_tokens, with_nll=True)
-    base = {"task": task, "metrics": result["metrics"], "records": result["records"][:10]}
+    from taso_llm.tiny import resolve_model_path
+
+    base = {"task": task, "metrics": result["metrics"], "records": result["records"][:10],
+            "sub_skills": probe_sub_skills(resolve_model_path(config.base_model))}
     write_json(out, base)
     return base
+
+
+def probe_sub_skills(model_path: str, n: int = 100) -> dict:
+    """The base's greedy continuation of held-out pretraining-style text (a seed pretraining never used): does it
+    copy a sentence's numbers into the equation and finish it right, and does it know 2-digit facts?"""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from taso_llm.data.synthetic import _story_sentence
+
+    model, tok = AutoModelForCausalLM.from_pretrained(model_path), AutoTokenizer.from_pretrained(model_path)
+    rng = random.Random("probe-sub-skills")
+    stories = [_story_sentence(rng) for _ in range(n)]
+    # Cut before the equation: the continuation must copy the sentence's numbers, then compute.
+    cuts = [s.index(", so") + 4 if ", so" in s else s.index("they have") + 9 for s in stories]
+    story_cases = [(s[:cut], s[cut:]) for s, cut in zip(stories, cuts)]
+    facts = []
+    for _ in range(n):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        a, b, op = (max(a, b), min(a, b), "-") if rng.random() < 0.5 else (a, b, "+")
+        facts.append((f"{a} {op} {b} =", f" {a + b if op == '+' else a - b}."))
+
+    def accuracy(cases):
+        right = 0
+        for prefix, expected in cases:
+            ids = torch.tensor([[tok.bos_token_id, *tok(prefix, add_special_tokens=False)["input_ids"]]])
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=len(tok(expected)["input_ids"]) + 1, do_sample=False,
+                                     pad_token_id=tok.pad_token_id)
+            right += tok.decode(out[0, ids.shape[1]:]).startswith(expected)
+        return right / len(cases)
+
+    return {"story_equation_accuracy": accuracy(story_cases), "fact_accuracy": accuracy(facts), "n": n,
+            "examples": [p + e for p, e in story_cases[:3] + facts[:3]]}
 
 
 def summarize(results: dict, config, task: str) -> dict:
@@ -87,6 +126,11 @@ def markdown(base: dict, methods: dict, verdict: dict) -> str:
         lines.append(f"| {name} | {m['lr']:g} ({grid}) | {', '.join(f'{x:.3f}' for x in m['exact_match'])} | "
                      f"{m['exact_match_min']:.3f}–{m['exact_match_max']:.3f} | {m['exact_match_mean']:.3f} | "
                      f"{m['answer_nll_mean']:.3f} |")
+    if "sub_skills" in base:
+        skills = base["sub_skills"]
+        lines += ["", f"The base's own sub-skills (greedy continuation of {skills['n']} held-out pretraining-style "
+                  f"sentences each): story numbers copied into a correct equation {skills['story_equation_accuracy']:.2f}, "
+                  f"2-digit facts {skills['fact_accuracy']:.2f}."]
     lines += ["", "| check | holds |", "|---|---|"] + [f"| {k} | {'yes' if v else '**no**'} |"
                                                        for k, v in verdict.items()]
     return "\n".join(lines) + "\n"
