@@ -1,0 +1,104 @@
+"""SIGTERM → checkpoint at the next step end on every rank, stop, no final outputs, exit 0 (taso_llm/preemption.py),
+and launch/forward_sigterm.sh, which gets the signal to the training processes through a launcher.
+
+The callback is driven with a real signal to this process and the Trainer's own state/control objects; agreement
+between ranks with two real processes over gloo of which only one is signalled; the end-to-end test signals the
+launch script of a real one-process recipe run and resumes it (the SLURM, multi-node case: tests/test_multinode.py).
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import TrainerControl, TrainerState
+
+from taso_llm.preemption import PREEMPTED_FILE_ENV, PreemptionCallback
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dist_helpers import (OBSERVED, ROOT, assert_same_adapter, launch_cmd, launch_env, processes_with,  # noqa: E402
+                          recipe_args, wait_for_file)
+
+
+@pytest.fixture
+def callback():
+    cb = PreemptionCallback()
+    yield cb
+    cb.restore()
+
+
+def _step(cb, step: int, out: Path) -> TrainerControl:
+    control = TrainerControl()
+    cb.on_step_end(SimpleNamespace(device=torch.device("cpu"), output_dir=str(out)), TrainerState(global_step=step),
+                   control)
+    return control
+
+
+def test_sigterm_stops_at_the_next_step_end_with_a_checkpoint(callback, tmp_path):
+    assert signal.getsignal(signal.SIGTERM) == callback._handle
+    control = _step(callback, 1, tmp_path)
+    assert not (control.should_save or control.should_training_stop or callback.stopped)
+    os.kill(os.getpid(), signal.SIGTERM)  # this process survives: the handler only takes note
+    assert callback.received == signal.SIGTERM and not callback.stopped
+    control = _step(callback, 2, tmp_path)
+    assert control.should_save and control.should_training_stop
+    assert callback.stopped_step == 2 and callback.checkpoint == tmp_path / "checkpoint-2"
+
+
+def test_restore_puts_the_previous_handler_back(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    PreemptionCallback().restore()
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_finish_writes_the_checkpoint_for_the_requeue_on_the_main_process_only(callback, tmp_path, monkeypatch):
+    marker = tmp_path / "logs" / "job.preempted"
+    monkeypatch.setenv(PREEMPTED_FILE_ENV, str(marker))
+    os.kill(os.getpid(), signal.SIGTERM)
+    _step(callback, 7, tmp_path)
+    assert callback.finish(is_main=False)["checkpoint"] == str(tmp_path / "checkpoint-7")
+    assert not marker.exists()
+    report = callback.finish(is_main=True)
+    assert report == {"preempted": True, "global_step": 7, "checkpoint": str(tmp_path / "checkpoint-7")}
+    assert marker.read_text() == f"{tmp_path / 'checkpoint-7'}\n"
+
+
+def _agree(rank: int, port: int, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    cb = PreemptionCallback()
+    for step in range(1, 6):
+        if rank == 1 and step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # rank 1 only, during its step 3
+        control = _step(cb, step, Path("/out"))
+        if control.should_training_stop:
+            break
+    results.put((rank, cb.stopped_step, cb.received))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_stop_after_the_same_step_when_one_was_signalled():
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_agree, args=(rank, port, results)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    got = sorted(results.get(timeout=5) for _ in procs)
+    assert got == [(0, 3, None), (1, 3, signal.SIGTERM)]
