@@ -22,6 +22,7 @@ from .io import write_json
 from .loading import load_model_and_tokenizer, target_shapes
 from .methods import Method, RunContext, get_method
 from .plots import plot_run
+from .preemption import PreemptionCallback
 from .sparse.calibration import calibration_batches, num_calibration_batches
 from .tiny import resolve_model_path
 from .train import MetricsCallback, build_trainer, engine_info, peak_memory_bytes
@@ -84,8 +85,9 @@ def run_sft(data_args: DataArguments, shared: MethodArguments, training_args, mo
     eval_ds = splits["validation"] if len(splits["validation"]) else None
 
     metrics_cb = MetricsCallback()
+    preemption = PreemptionCallback()  # SIGTERM from here on: a checkpoint at the next step end, then stop
     trainer = build_trainer(model, tokenizer, train_ds, eval_ds, training_args, base_model_id=model_id,
-                            callbacks=[metrics_cb])
+                            callbacks=[metrics_cb, preemption])
     ctx = RunContext(
         output_dir=Path(training_args.output_dir), model_id=model_id, model_args=model_args,
         is_main=state.is_main_process, seed=training_args.seed,
@@ -99,6 +101,8 @@ def run_sft(data_args: DataArguments, shared: MethodArguments, training_args, mo
     trainer.args.learning_rate = base_lr * report.lr_multiplier
 
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if preemption.stopped:  # SIGTERM: the checkpoint is all this run leaves, nothing that says "finished"
+        return preemption.finish(state.is_main_process)
     out = Path(training_args.output_dir)
     if method.own_adapter_format:
         adapter = gathered_adapter_state(trainer.accelerator.unwrap_model(trainer.model))  # collective: all ranks

@@ -102,3 +102,33 @@ def test_ranks_stop_after_the_same_step_when_one_was_signalled():
     assert [p.exitcode for p in procs] == [0, 0]
     got = sorted(results.get(timeout=5) for _ in procs)
     assert got == [(0, 3, None), (1, 3, signal.SIGTERM)]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launch_script_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(
+        one_process_run, tmp_path):
+    """`launch/forward_sigterm.sh accelerate launch ...` (one process: accelerate itself would die and orphan the
+    trainer) gets SIGTERM while rank 0 is held at the end of step 2: the trainer saves checkpoint-3 (the next step
+    end), writes no final outputs, nothing is left running, every process exits 0. Resumed with
+    --resume_from_checkpoint true it ends with the uninterrupted run's adapter, bit for bit."""
+    out, marker, paused = tmp_path / "run", tmp_path / "job.preempted", tmp_path / "paused"
+    env = launch_env(ACCELERATE_USE_CPU="true", TASO_PAUSE_AT_STEP="2", TASO_PAUSED_FILE=str(paused),
+                     TASO_TEST_MARKER=tmp_path.name, **{PREEMPTED_FILE_ENV: str(marker)})
+    cmd = [str(ROOT / "launch" / "forward_sigterm.sh"), *launch_cmd("single_gpu.yaml", OBSERVED, recipe_args(out), 1)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_file(paused, [proc])
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output[-4000:]
+    assert processes_with(tmp_path.name) == [], "a training process outlived its launcher"
+    assert (out / "checkpoint-3" / "trainer_state.json").is_file(), output[-4000:]
+    assert not any((out / name).exists() for name in ("adapter_model.safetensors", "metrics.json"))
+    assert marker.read_text().strip() == str(out / "checkpoint-3")
+    assert "SIGTERM: stopped after step 3" in output
+
+    env = launch_env(ACCELERATE_USE_CPU="true")
+    resumed = subprocess.run(launch_cmd("single_gpu.yaml", OBSERVED, recipe_args(out, "--resume_from_checkpoint",
+                                                                                  "true"), 1),
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
+    assert_same_adapter(one_process_run, out)

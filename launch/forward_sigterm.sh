@@ -1,0 +1,44 @@
+#!/bin/bash
+# Pass SIGTERM (what SLURM sends on preemption and at the time limit) on to the training processes.
+#
+#   launch/forward_sigterm.sh accelerate launch --config_file launch/single_gpu.yaml recipes/sft_taso.py ...
+#   source launch/forward_sigterm.sh; forward_sigterm children|self COMMAND...      (from another script)
+#
+# Why: `accelerate launch` with one process dies on SIGTERM and leaves the trainer running, orphaned, without the
+# signal; with several processes (torchrun's agent) it kills the ranks after TORCH_ELASTIC_SHUTDOWN_TIMEOUT (30 s)
+# and exits 1 however they ended. Here the launcher keeps running: the ranks get SIGTERM, save a checkpoint at the
+# next step end (taso_llm/preemption.py), exit, and the launcher reports their status.
+#   children  the processes COMMAND started: the ranks of `accelerate launch` / `torchrun` (not their process
+#             groups: a DataLoader worker dies on a SIGTERM from anyone but its parent and fails the step)
+#             (COMMAND itself while it has started none: nothing to save yet, stopping is what was asked)
+#   self      COMMAND itself: `srun`, which passes it on to every task of the step
+# Returns COMMAND's exit status.
+
+_forward_sigterm_to() {
+  local mode=$1 pid=$2 targets=$2
+  [[ $mode == self ]] || targets=$(pgrep -P "$pid" | tr '\n' ' ')
+  echo "forward_sigterm: SIGTERM -> ${targets:-$pid}" >&2
+  kill -TERM ${targets:-$pid} 2>/dev/null || true
+}
+
+forward_sigterm() {
+  local mode=$1 pid rc
+  shift
+  [[ $mode == children || $mode == self ]] || { echo "forward_sigterm: mode must be children or self, got '$mode'" >&2; return 2; }
+  "$@" &
+  pid=$!
+  _forward_sigterm_trapped=0
+  trap "_forward_sigterm_trapped=1; _forward_sigterm_to $mode $pid" TERM
+  while :; do
+    _forward_sigterm_trapped=0
+    wait "$pid" && rc=0 || rc=$?
+    # A trapped signal makes `wait` return 128+15 at once while COMMAND runs on: wait for it again.
+    (( _forward_sigterm_trapped && rc > 128 )) || break
+  done
+  trap - TERM
+  return "$rc"
+}
+
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then  # executed, not sourced
+  forward_sigterm children "$@"
+fi
