@@ -10,8 +10,9 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_adapter_step.py"
 TOY = ["--layers", "2", "--hidden", "64", "--intermediate", "176", "--heads", "4", "--kv-heads", "2",
-       "--vocab", "256", "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1", "--threads", "1",
+       "--vocab", "256", "--batch", "2", "--seqs", "32", "--steps", "2", "--warmup", "1", "--threads", "1",
        "--calib-seq", "32", "--device", "cpu"]
+VARIANTS = "floor,taso@r1,taso@r1/autograd,lora@r1,lora@r16"
 
 
 def _load_bench():
@@ -24,63 +25,55 @@ def _load_bench():
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    """Everything the parent does, in process: selection, memory runs, interleaved timing, summary, JSON re-read."""
+def toy():
+    """Everything the parent does for one sequence length, in process: memory runs, interleaved timing, summary."""
     bench = _load_bench()
-    out = tmp_path_factory.mktemp("bench") / "toy.json"
-    a = bench.parse_args(TOY + ["--out", str(out)])
-    regions, calib = bench.calibrate(a)
-    mem_runs = [bench.measure_variant(v, a, regions if v == "taso" else None) for v in bench.VARIANTS]
-    timing = bench.time_interleaved(a, list(bench.VARIANTS), regions)
-    report = bench.summarize(a, timing, mem_runs, calib, regions)
-    from taso_llm.io import write_json
-
-    write_json(out, report)
-    return bench, a, regions, json.loads(out.read_text())
+    a = bench.parse_args(TOY + ["--variants", VARIANTS])
+    mem_runs = [bench.measure_variant(v, a, 32) for v in a.variants]
+    timing = bench.time_interleaved(a, a.variants, 32)
+    base_params = sum(p.numel() for p in bench.build_base(a).parameters())
+    run = bench.summarize_run(a, 32, timing, mem_runs, base_params)
+    return bench, a, json.loads(json.dumps(run))
 
 
-def test_report_structure(toy):
-    bench, a, _, report = toy
-    assert set(report) >= {"date", "config", "machine", "taso_selection", "variants", "aims"}
-    assert report["config"]["layers"] == 2 and report["config"]["hidden"] == 64
-    assert report["config"]["base_params"] > 0
-    assert report["machine"]["cpu_count"] >= 1 and report["machine"]["torch"]
-    assert report["taso_selection"]["batches"] == a.calib_batches
-    assert report["taso_selection"]["importance_seconds"] >= 0
-    assert list(report["variants"]) == list(bench.VARIANTS)
-    assert report["config"]["order"] == bench.run_order(list(bench.VARIANTS), a.steps)
-    for v in report["variants"].values():
-        assert len(v["raw_step_seconds"]) == a.steps and all(t > 0 for t in v["raw_step_seconds"])
-        assert len(v["isolated_step_seconds"]) == a.mem_steps
-        assert v["median_step_seconds"] > 0
-        for key in ("peak_mb", "train_peak_mb", "built_mb", "delta_train_mb", "time_x_floor"):
-            assert isinstance(v[key], (int, float))
-    assert report["variants"]["floor"]["time_x_floor"] == pytest.approx(1.0)
-    assert set(report["aims"]) == {"time_within_1.10x_floor", "delta_mem_le_lora_r1", "peak_mem_le_lora_r1"}
-    assert all(isinstance(aim["holds"], bool) for aim in report["aims"].values())
-    table = bench.format_table(report)
-    assert all(name in table for name in bench.VARIANTS) and "x floor time" in table
-    assert "aim time_within_1.10x_floor" in bench.format_aims(report)
+def test_run_structure_and_table(toy):
+    bench, a, run = toy
+    assert run["seq"] == 32 and run["tokens_per_step"] == 64
+    assert list(run["variants"]) == VARIANTS.split(",")
+    assert run["order"] == bench.run_order(VARIANTS.split(","), a.steps)
+    for v in run["variants"].values():
+        assert len(v["raw_step_seconds"]) == a.steps and v["median_step_seconds"] > 0 and v["tokens_per_second"] > 0
+        assert v["peak_mb"] > 0 and v["memory"]["kind"] == "cpu_rss"
+    assert run["variants"]["floor"]["time_x_floor"] == pytest.approx(1.0)
+    assert {"time_within_1.05x_floor", "time_ratio_below_lora_r1", "delta_mem_le_lora_r1"} <= set(run["aims"])
+    assert all(isinstance(aim["holds"], bool) for aim in run["aims"].values())
+    table = bench.format_table(run)
+    assert all(name in table for name in run["variants"]) and "x floor time" in table
 
 
-def test_trainable_params_are_exact(toy):
-    bench, a, regions, report = toy
+def test_trainable_params_are_the_methods_budgets(toy):
+    bench, a, run = toy
     from taso_llm.targets import DEFAULT_TARGETS, find_targets, layer_shape
 
     targets = find_targets(bench.build_base(a), DEFAULT_TARGETS)
-    assert set(regions) == set(targets) and len(targets) == 7 * a.layers
     lora_r1 = sum(d_in + d_out for d_out, d_in in map(layer_shape, targets.values()))
-    taso = sum(r.rank * (len(r.rows) + len(r.cols)) for r in regions.values())
-    assert all(r.structure == "lora_block" and r.rank == 4 for r in regions.values())
-    v = report["variants"]
-    # Measured = what the built model marks requires_grad; expected = from shapes and regions alone.
+    v = run["variants"]
     assert v["floor"]["trainable_params"] == 0
-    assert v["taso"]["trainable_params"] == v["taso"]["expected_trainable_params"] == taso
-    assert taso <= lora_r1  # budget rank1: never more than a rank-1 LoRA, matrix by matrix
-    assert all(r.rank * (len(r.rows) + len(r.cols)) <= d_in + d_out
-               for r, (d_out, d_in) in ((r, r.shape) for r in regions.values()))
-    assert v["lora_r1"]["trainable_params"] == v["lora_r1"]["expected_trainable_params"] == lora_r1
-    assert v["lora_r16"]["trainable_params"] == 16 * lora_r1
+    assert v["lora@r1"]["trainable_params"] == lora_r1 and v["lora@r16"]["trainable_params"] == 16 * lora_r1
+    taso = v["taso@r1"]
+    assert taso["trainable_params"] == taso["method_report"]["trainable_params"] <= lora_r1
+    assert lora_r1 - 4 * len(targets) < taso["trainable_params"]  # rank-4 blocks spend the budget to < r per matrix
+    assert v["taso@r1/autograd"]["trainable_params"] == taso["trainable_params"]
+
+
+def test_variant_labels_parse_and_refuse():
+    bench = _load_bench()
+    v = bench.Variant.parse("taso@r16/autograd+compile")
+    assert (v.method, v.rank, v.autograd, v.compiled) == ("taso", 16, True, True)
+    assert bench.Variant.parse("floor").method is None
+    for bad in ("taso@", "nosuch@r1"):
+        with pytest.raises(ValueError, match="variant"):
+            bench.Variant.parse(bad)
 
 
 def test_run_order_is_abba():
@@ -91,14 +84,15 @@ def test_run_order_is_abba():
 
 @pytest.mark.slow
 def test_cli_spawns_one_child_per_run(tmp_path):
-    """The parent/child plumbing: each run is a child process whose JSON line the parent collects."""
+    """The parent/child plumbing over two sequence lengths: each is a run of child processes and one timing."""
     import subprocess
 
     out = tmp_path / "cli.json"
-    proc = subprocess.run([sys.executable, str(BENCH), *TOY, "--variants", "floor,taso",
+    proc = subprocess.run([sys.executable, str(BENCH), *TOY, "--seqs", "16,32", "--variants", "floor,taso@r1",
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["config"]["order"] == ["floor", "taso", "taso", "floor"]
-    assert report["variants"]["taso"]["trainable_params"] == report["variants"]["taso"]["expected_trainable_params"]
-    assert "aim time_within_1.10x_floor" in proc.stdout
+    assert [r["seq"] for r in report["runs"]] == [16, 32]
+    assert report["runs"][0]["order"] == ["floor", "taso@r1", "taso@r1", "floor"]
+    assert report["config"]["variants"] == ["floor", "taso@r1"]
+    assert "aim time_within_1.05x_floor" in proc.stdout

@@ -84,6 +84,17 @@ class Method:
     def resume_check(self, shared, own, output_dir: Path) -> None:
         """Called when a run resumes, before any heavy work: fix `shared`/`own` so the run rebuilds what it trained."""
 
+    def callbacks(self, model: nn.Module, shared, own) -> list:
+        """TrainerCallbacks the method needs during training (e.g. a mask resampled every step), after prepare."""
+        return []
+
+    def equal_budget(self, rank: int) -> dict | None:
+        """Options that give this method the trainable-parameter budget of a rank-`rank` LoRA on the target modules,
+        as {"shared": {...}, "own": {...}, "model": {...}} (fields of MethodArguments, the method's own dataclass and
+        ModelConfig); None where the method has no such knob. Benchmarks compare methods at equal budgets with it.
+        Sparse methods spend the shared `budget`."""
+        return {"shared": {"budget": f"rank{rank}"}}
+
     def save(self, model: nn.Module, output_dir: Path, shared, own, model_id: str, state: dict) -> None:
         raise NotImplementedError(f"method={self.name} saves through the Trainer")
 

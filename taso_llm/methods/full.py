@@ -16,6 +16,9 @@ class FullMethod(Method):
                       lora_r1_params=rank1_reference(model, shared.target_modules),
                       details={"importance_seconds": 0.0})
 
+    def equal_budget(self, rank: int) -> None:
+        return None  # every parameter trains: there is no budget to match
+
     def load_for_eval(self, run_dir, load_base):
         """The run directory holds the whole trained model, loaded as the base was (dtype)."""
         return load_base(str(run_dir))

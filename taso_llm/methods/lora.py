@@ -25,6 +25,7 @@ def _targets(shared, model_args) -> list[str]:
 class LoraMethod(Method):
     name = "lora"
     # exports_peft_lora stays False: its output directory already is a PEFT LoRA adapter (nothing to convert)
+    mergeable = True  # merge() is PEFT's merge_and_unload (task arithmetic reads a LoRA run as a task vector so)
 
     def validate(self, shared, own, shapes, model_args=None) -> None:
         if shared.save_merged:
@@ -61,7 +62,13 @@ class LoraMethod(Method):
         return Report(trainable_params=trainable, lora_r1_params=lora1,
                       details={"lora_r": r, "importance_seconds": 0.0, "use_dora": config.use_dora})
 
+    def equal_budget(self, rank: int) -> dict:
+        return {"model": {"lora_r": rank, "lora_alpha": 2 * rank}}
+
     def load_for_eval(self, run_dir, load_base):
         from peft import PeftModel
 
         return PeftModel.from_pretrained(load_base(), str(run_dir))
+
+    def merge(self, model):
+        return model.merge_and_unload()
