@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 from taso_llm.eval.generate import MATH_TEXT_STOP, Prompt, build_math_prompt, generate_batched
 from taso_llm.eval.nll import completion_nll
-from taso_llm.eval.sandbox import pass_at_1
+from taso_llm.eval.sandbox import pass_at_1, sandbox_isolation
 from taso_llm.eval.scoring import score_code, score_math
 from taso_llm.io import write_json
 
@@ -99,7 +99,8 @@ def evaluate_code(model, tokenizer, dataset, batch_size: int = 8, max_new_tokens
         scored = score_code(text, tests, entry_point or "", timeout_s=timeout_s, memory_mb=memory_mb)
         records.append({"prompt": prompt, "generated": text, "entry_point": entry_point, **scored})
     metrics = {"pass@1": pass_at_1([r["passed"] for r in records]), "n": len(records),
-               "status_counts": dict(Counter(r["status"] for r in records))}
+               "status_counts": dict(Counter(r["status"] for r in records)),
+               "sandbox_isolation": sandbox_isolation().level}  # how far a pass can be trusted (sandbox.py)
     result = {"metrics": metrics, "records": records}
     return _add_nll(model, tokenizer, dataset, result, batch_size) if with_nll else result
 

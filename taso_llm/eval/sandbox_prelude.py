@@ -1,150 +1,142 @@
-"""Runs INSIDE the sandbox child, before any untrusted code: `python -I -B -c <this file's source> <workdir> <token>`.
+"""Entry point of the sandbox child: `python -I -B sandbox_prelude.py`, the run's payload as JSON on stdin.
 
-It is a guard against accidents in model-written code (a stray file write, a network call, a subprocess), not a
-security boundary: code running in the same interpreter can in principle find ways around an in-process check. The
-hard limits live outside this file: the separate process, rlimits, a kill of the whole process group on timeout and,
-where available, an empty network namespace (`unshare -n`). See sandbox.py.
+Trusted code up to the first line of the solution. In order:
+  1. read the payload (code, tests, the pass token, the level and its settings) from stdin, then point fd 0 at
+     /dev/null: the token is never in argv, the environment or a file, and no fd to it is left open;
+  2. level "namespaces" (we are root in fresh pid/mount/net/ipc/uts namespaces, pid 1): expose the interpreter's
+     directories to the run's uid, remount everything read-only, mount the capped tmpfs work dir, then fork the
+     worker and stay as its supervisor: wait for it and report its wait status on a pipe only this process holds.
+     When this process exits, the kernel kills everything left in the pid namespace (setsid daemons included);
+  3. the worker: no_new_privs, drop to the run's uid/gid (levels "namespaces", "uid"), not dumpable, the audit
+     guard (sandbox_guard.py), then the solution and the tests, each compiled before either runs, in one fresh
+     `__main__` module.
 
-Layers set up here, in order, before the solution is compiled:
-  1. `socket.socket` / `socket.create_connection` replaced by functions that raise (cheap, readable error);
-  2. an audit hook (PEP 578; it cannot be removed once added) that refuses
-     - file opens for writing/creating, and mkdir/remove/rename/chdir/... on paths outside the work directory;
-     - opening a directory outside it (a dir fd would let `dir_fd=` relative opens escape the path check);
-     - processes: subprocess, os.system, exec*, spawn*, fork, kill;
-     - sockets (creation, connect, bind, DNS), raising rlimits, gc object walks (tampering with this hook), and ctypes
-       calls, symbol lookups and raw memory access (loading ctypes itself stays allowed: numpy imports it);
-  3. the solution then the tests are exec'd in one namespace; the exit status tells the parent what happened.
-
-Exit protocol (read by sandbox.py): 0 + the token on stdout = passed; 10 = an assertion failed; 11 = any other
-exception; 12 = SystemExit before the tests finished. The token guards against a solution that exits 0 early.
+Verdict protocol (read by sandbox.py): the tests ran to their end only if the worker exits 0 with the token as the
+last line of stdout; 10 = an assertion failed; 11 = any other exception; 12 = an exit (SystemExit) before the tests
+ended, whether raised by the solution at import or from inside a call the tests made. The token is written with
+os.write captured before the solution ran, and the harness forgets it (token = None) before it touches the
+exception of a failed run, so nothing the solution controls runs while a failing run still holds it.
 """
 
+import builtins
+import json
 import os
 import sys
 
+# The functions below look builtins up in a private copy: the solution may patch the builtins module (isinstance,
+# print, ...) and must not steer the harness's classification of its own failure.
+__builtins__ = dict(builtins.__dict__)
 EXIT_FAILED, EXIT_ERROR, EXIT_EARLY = 10, 11, 12
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _install(workdir):
-    import socket
+def _load(name):
+    """A sibling module by file path: not on sys.path and not in sys.modules, so the solution cannot import it.
 
-    def _no_network(*args, **kwargs):
-        raise PermissionError("sandbox: network access is disabled")
+    Its functions get a private copy of the builtins, so a solution that patches the builtins module (isinstance,
+    PermissionError, ...) does not change what the guard's hook computes.
+    """
+    import importlib.util
 
-    socket.socket = _no_network
-    socket.create_connection = _no_network
-
-    root = os.path.realpath(workdir)
-    readlink, realpath, fsdecode, isdir = os.readlink, os.path.realpath, os.fsdecode, os.path.isdir
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-    busy = [False]  # path resolution below must not re-enter the hook
-
-    def resolve(path, dir_fd=None):
-        if isinstance(path, int):  # an fd (e.g. os.chdir(fd)): name its file through /proc
-            return readlink(f"/proc/self/fd/{path}")
-        path = fsdecode(path)
-        if dir_fd is not None and dir_fd >= 0 and not os.path.isabs(path):  # -1: the event's "no dir_fd"
-            path = os.path.join(readlink(f"/proc/self/fd/{dir_fd}"), path)
-        return realpath(path)
-
-    def inside(path, dir_fd=None):
-        try:
-            resolved = resolve(path, dir_fd)
-        except (OSError, TypeError, ValueError):
-            return False
-        return resolved == root or resolved.startswith(root + os.sep)
-
-    def deny(what):
-        raise PermissionError(f"sandbox: {what} is not allowed")
-
-    # event -> indices of (path, dir_fd) pairs in the audit args (dir_fd index None where the event has none)
-    path_events = {
-        "os.mkdir": [(0, 2)], "os.remove": [(0, 1)], "os.rmdir": [(0, 1)], "os.rename": [(0, 2), (1, 3)],
-        "os.chdir": [(0, None)], "os.chmod": [(0, 2)], "os.chown": [(0, 3)], "os.truncate": [(0, None)],
-        "os.utime": [(0, 3)], "os.link": [(0, 2), (1, 3)], "os.symlink": [(1, 2)], "os.mkfifo": [(0, 2)],
-        "os.mknod": [(0, 3)], "os.setxattr": [(0, None)], "os.removexattr": [(0, None)],
-        "shutil.rmtree": [(0, 1)], "shutil.copyfile": [(1, None)], "shutil.copytree": [(1, None)],
-        "shutil.move": [(1, None)], "shutil.make_archive": [(0, None)], "shutil.unpack_archive": [(1, None)],
-        "shutil.copymode": [(1, None)], "shutil.copystat": [(1, None)],
-    }
-    process_events = {"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
-                      "os.forkpty", "pty.spawn", "os.kill", "os.killpg", "signal.pthread_kill", "os.startfile"}
-    other_denied = {"resource.setrlimit", "resource.prlimit", "gc.get_objects", "gc.get_referrers",
-                    "gc.get_referents", "socket.__new__", "socket.connect", "socket.bind", "socket.sendto",
-                    "socket.sendmsg", "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr"}
-
-    def check(event, args):
-        if event == "open":
-            path, mode, flags = args
-            writing = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & write_flags)
-            # An int path is an fd that an earlier, already checked open returned (or an inherited stdio stream).
-            if path is None or isinstance(path, int) or inside(path):
-                return
-            if writing:
-                deny(f"writing {path!r} (outside the sandbox directory)")
-            if isdir(path):
-                deny(f"opening the directory {path!r} (outside the sandbox directory)")
-        elif event in path_events:
-            for p, d in path_events[event]:
-                if p < len(args) and not inside(args[p], args[d] if d is not None and d < len(args) else None):
-                    deny(f"{event} on {args[p]!r} (outside the sandbox directory)")
-        elif event in process_events:
-            deny(f"starting or signalling processes ({event})")
-        elif event in other_denied or (event.startswith("ctypes.") and event != "ctypes.dlopen"):
-            deny(event)
-
-    def hook(event, args):
-        if busy[0]:
-            return
-        busy[0] = True
-        try:
-            check(event, args)
-        finally:
-            busy[0] = False
-
-    sys.addaudithook(hook)
+    spec = importlib.util.spec_from_file_location(f"_taso_{name}", os.path.join(_HERE, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    module.__dict__["__builtins__"] = dict(builtins.__dict__)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _run(token):
-    import traceback
+def _read_payload() -> dict:
+    payload = json.loads(sys.stdin.buffer.read())
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    return payload
 
-    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
-    with open("solution.py", encoding="utf-8") as f:
-        solution = f.read()
-    with open("tests.py", encoding="utf-8") as f:
-        tests = f.read()
-    stage = "solution"
+
+def _supervise(payload: dict, kernel, guard) -> None:
+    status_fd = payload.pop("status_fd")
+    pid = os.fork()
+    if pid == 0:
+        os.close(status_fd)
+        _worker(payload, kernel, guard)
+    payload.clear()  # this process keeps no copy of the token it does not need
+    _, status = os.waitpid(pid, 0)
+    os.write(status_fd, str(status).encode())
+    os._exit(0)  # as pid 1: the kernel now kills whatever the worker left behind
+
+
+def _worker(payload: dict, kernel, guard) -> None:
+    workdir = payload["workdir"]
+    os.chdir(workdir)  # after the work dir mount, so the cwd is the tmpfs, not the directory under it
+    kernel.drop_privileges(payload["uid"], payload["gid"])
+    with open("solution.py", "w", encoding="utf-8") as f:  # for the source lines in tracebacks
+        f.write(payload["code"])
+    if payload["guard"]:
+        guard.install(workdir)
+    _run(payload.pop("code"), payload.pop("tests"), payload.pop("token"))
+
+
+def _run(code: str, tests: str, token: str) -> None:
+    import types
+
+    # Everything the harness calls after the solution started is bound here first: the solution may replace
+    # builtins (an `exec` that skips the tests), os functions or sys hooks.
+    run, write, exit_, excepthook = exec, os.write, os._exit, sys.__excepthook__
+    pristine_builtins = dict(builtins.__dict__)  # the tests see these, not a builtins module the solution patched
+    main = types.ModuleType("__main__")
+    main.__builtins__ = builtins
+    sys.modules["__main__"] = main
+    sys.argv = ["solution.py"]
+    stage = "compiling"
     try:
-        exec(compile(solution, "solution.py", "exec"), namespace)
+        compiled = compile(code, "solution.py", "exec"), compile(tests, "tests.py", "exec")
+        stage = "solution"
+        run(compiled[0], main.__dict__)
         stage = "tests"
-        exec(compile(tests, "tests.py", "exec"), namespace)
-    except AssertionError:
-        traceback.print_exc()
-        code = EXIT_FAILED
-    except SystemExit as exc:
-        # The tests may end with unittest-style sys.exit(0); an exit from the solution means the tests never ran.
-        if stage == "tests" and exc.code in (0, None):
-            code = 0
-        else:
-            print(f"sandbox: SystemExit({exc.code!r}) in the {stage}", file=sys.stderr)
-            code = EXIT_EARLY if stage == "solution" else EXIT_FAILED
-    except BaseException:  # noqa: BLE001 - every other exception (MemoryError included) is an error result
+        main.__dict__["__builtins__"] = pristine_builtins
+        run(compiled[1], main.__dict__)
+    except BaseException as exc:  # noqa: BLE001 - every way out of the untrusted code is a verdict
+        token = None  # noqa: F841 - forgotten before anything the solution defined (exc's __str__, ...) runs
+        code = _exit_code(exc, stage)
         try:
-            traceback.print_exc()
-        except BaseException:  # noqa: BLE001 - printing can fail after a MemoryError
+            excepthook(type(exc), exc, exc.__traceback__)  # C-level printer: needs no frame access
+        except BaseException:  # noqa: BLE001 - printing can fail (after a MemoryError, a broken stderr)
             pass
-        code = EXIT_ERROR
-    else:
-        code = 0
-    if code == 0:
-        sys.stdout.write("\n" + token + "\n")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        _flush()
+        exit_(code)
+    _flush()
+    write(1, b"\n" + token.encode() + b"\n")
+    exit_(0)
+
+
+def _exit_code(exc: BaseException, stage: str) -> int:
+    if isinstance(exc, AssertionError):
+        return EXIT_FAILED
+    if isinstance(exc, SystemExit):
+        print(f"sandbox: SystemExit during the {stage}; a pass needs the tests to run to their end", file=sys.stderr)
+        return EXIT_EARLY
+    return EXIT_ERROR
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001 - the solution may have replaced or closed the streams
+            pass
+
+
+def main() -> None:
+    payload = _read_payload()
+    kernel, guard = _load("sandbox_kernel"), _load("sandbox_guard")
+    if payload["level"] == "namespaces":
+        kernel.expose_to_sandbox_uid([*sys.path, os.path.dirname(payload["workdir"])])
+        kernel.read_only_filesystem()
+        kernel.mount_work_dir(payload["workdir"], payload["disk_bytes"], payload["max_files"], payload["uid"],
+                              payload["gid"])
+        _supervise(payload, kernel, guard)
+    _worker(payload, kernel, guard)
 
 
 if __name__ == "__main__":
-    _workdir, _token = sys.argv[1], sys.argv[2]
-    sys.argv = ["solution.py"]
-    _install(_workdir)
-    _run(_token)
+    main()
