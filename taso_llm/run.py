@@ -97,6 +97,8 @@ def run_sft(data_args: DataArguments, shared: MethodArguments, training_args, mo
             trainer.train_dataset, trainer.data_collator, shared.calibration_samples, shared.calibration_batch_size,
             rank=state.process_index, world_size=state.num_processes))
     report = method.prepare(trainer.model, shared, own, ctx)
+    for callback in method.callbacks(trainer.model, shared, own):  # e.g. a mask resampled every step
+        trainer.add_callback(callback)
     base_lr = training_args.learning_rate
     trainer.args.learning_rate = base_lr * report.lr_multiplier
 

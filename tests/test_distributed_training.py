@@ -158,15 +158,36 @@ def test_4bit_base(tmp_path, tiny_path, config, engine, stage):
 
 @pytest.mark.parametrize("method, config, engine, stage", [
     ("lora", "multi_gpu.yaml", "MULTI_CPU", None), ("lora", "zero3.yaml", "DEEPSPEED", 3),
-    ("full", "multi_gpu.yaml", "MULTI_CPU", None), ("full", "zero3.yaml", "DEEPSPEED", 3)])
+    ("full", "multi_gpu.yaml", "MULTI_CPU", None), ("full", "zero3.yaml", "DEEPSPEED", 3),
+    ("sparta", "multi_gpu.yaml", "MULTI_CPU", None), ("sparta", "zero3.yaml", "DEEPSPEED", 3),
+    ("droplora", "multi_gpu.yaml", "MULTI_CPU", None), ("droplora", "zero3.yaml", "DEEPSPEED", 3)])
 def test_every_baseline_trains_distributed(tmp_path, tiny_path, method, config, engine, stage):
-    """The method contract under 2-process DDP and ZeRO-3 for the PEFT LoRA and full fine-tuning baselines (TASO has
-    the tests above): the loss falls and the saved output, loaded in one process, reproduces the trained logits."""
-    lr = "2e-2" if method == "lora" else "1e-3"
+    """The method contract under 2-process DDP and ZeRO-3 for the PEFT LoRA and full fine-tuning baselines, SpaRTA
+    and DropLoRA (TASO has the tests above): the loss falls and the saved output, loaded in one process, reproduces
+    the trained logits."""
+    lr = {"full": "1e-3", "droplora": "1e-2"}.get(method, "2e-2")
     metrics = _run(config, tmp_path, tiny_path, "--method", method, "--learning_rate", lr, "--lora_r", "2",
                    "--lora_target_modules", "q_proj", "v_proj", "down_proj")
     assert metrics["method"] == method
     _check_run(metrics, tmp_path, tiny_path, engine, stage, atol=2e-4)
+
+
+def test_droplora_step_masks_are_the_same_on_every_rank(tmp_path, tiny_path):
+    """Two ranks with different global RNG states each draw the masks of steps 0-3 on their own: the same masks and
+    logits on both ranks, a new mask every step (tests/dist/droplora_masks.py)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "dist" / "droplora_masks.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(tiny_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for step in range(4):
+        masks = [r["masks"][step] for r in ranks]
+        assert masks[0].keys() == masks[1].keys() and len(masks[0]) == 14  # every adapted matrix drew a mask
+        assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+        assert torch.equal(ranks[0]["logits"][step], ranks[1]["logits"][step])
+    per_step = [torch.cat([m[k] for k in sorted(m)]) for m in ranks[0]["masks"]]
+    assert all(not torch.equal(per_step[i], per_step[j]) for i in range(4) for j in range(i))
+    assert not torch.allclose(ranks[0]["logits"][0], ranks[0]["logits"][1])
 
 
 def _interrupted_copy(full: Path, dst: Path) -> Path:

@@ -17,6 +17,8 @@ METHODS = {
     "taso": "taso_llm.methods.taso:TasoMethod",
     "lora": "taso_llm.methods.lora:LoraMethod",  # LoRA, QLoRA (load_in_4bit), DoRA (use_dora) through PEFT
     "full": "taso_llm.methods.full:FullMethod",
+    "sparta": "taso_llm.methods.sparta:SpartaMethod",  # seeded random single entries
+    "droplora": "taso_llm.methods.droplora:DropLoraMethod",  # LoRA with a rank mask resampled every step
 }
 
 
