@@ -50,8 +50,8 @@ def test_missing_recipe_or_unknown_method_is_caught_before_running(tmp_path):
     with pytest.raises(CompareConfigError, match="methods.dora.recipe: .*math_dora.yaml does not exist"):
         check_recipes(parse_compare_config(values), ROOT)
     values = tiny_values()
-    values["methods"]["taso"]["overrides"] = {"method": "sparta"}
-    with pytest.raises(CompareConfigError, match="method='sparta' is not in the registry"):
+    values["methods"]["taso"]["overrides"] = {"method": "no_such_method"}
+    with pytest.raises(CompareConfigError, match="method='no_such_method' is not in the registry"):
         check_recipes(parse_compare_config(values), ROOT)
 
 
