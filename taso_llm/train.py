@@ -2,27 +2,33 @@
 
 Checkpoints of a sparse-adapter run hold only the adapter (indices + values), optimizer and scheduler state, not a
 copy of the frozen base: `_save` writes the adapter and `_load_from_checkpoint` loads it back into the already
-wrapped model when a run resumes.
+wrapped model when a run resumes. Every checkpoint (any method) is written under a temporary name and renamed when
+complete (`_save_checkpoint`), and carries the run's history so far (HISTORY_NAME) for the resumed run's metrics.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
 
 from .adapters import iter_adapters
-from .adapters.io import CONFIG_NAME, WEIGHTS_NAME, adapter_config, adapter_state, index_names, read_adapter
-from .distributed import gathered_adapter_state
+from .adapters.io import (CONFIG_NAME, WEIGHTS_NAME, adapter_config, adapter_state, gathered_adapter_state, index_names,
+                          read_adapter)
 from .io import save_safetensors, write_json
+from .outputs import PARTIAL_CHECKPOINTS, TRAINER_STATE, move_into_place
 
 log = logging.getLogger("taso_llm")
+HISTORY_NAME = "run_history.json"  # in each checkpoint: MetricsCallback.history()
 
 
 def peak_memory_bytes() -> dict:
@@ -35,13 +41,42 @@ def peak_memory_bytes() -> dict:
 
 
 class MetricsCallback(TrainerCallback):
-    """Keeps the loss curve and timing; the run writes them into metrics.json."""
+    """Keeps the loss curves, tokens, timing and the method's report; the run writes them into metrics.json. Each
+    checkpoint carries a copy (`history`), which a resumed run starts from (`resume_from`): its metrics.json and
+    training.png then cover the whole run, not only the last segment."""
 
     def __init__(self):
         self.losses: list[tuple[int, float]] = []
         self.eval_losses: list[tuple[int, float]] = []
         self.num_tokens = 0.0
         self.start = self.seconds = 0.0
+        self.earlier_seconds = 0.0  # training time of the segments before a resume
+        self.report: dict = {}  # the method's Report as {"metrics", "layers"}: what was selected, and how
+        self.resumed_from: list[str] = []
+
+    def keep_report(self, report) -> None:
+        """The report of the method's prepare. A resumed run keeps the one its checkpoint carried: the selection
+        (importance time, captured shares) happened in the first segment; a resume only reloads the masks."""
+        if not self.report:
+            self.report = {"metrics": report.to_metrics(), "layers": report.layers}
+
+    def history(self) -> dict:
+        return {"losses": self.losses, "eval_losses": self.eval_losses, "num_tokens": self.num_tokens,
+                "seconds": self.earlier_seconds + time.perf_counter() - self.start, "report": self.report,
+                "resumed_from": self.resumed_from}
+
+    def resume_from(self, checkpoint: str) -> None:
+        path = Path(checkpoint) / HISTORY_NAME
+        if not path.is_file():
+            log.warning("%s has no %s (written by an older version): metrics.json will cover the resumed part only",
+                        checkpoint, HISTORY_NAME)
+        else:
+            saved = json.loads(path.read_text())
+            self.losses = [tuple(x) for x in saved["losses"]]
+            self.eval_losses = [tuple(x) for x in saved["eval_losses"]]
+            self.num_tokens, self.earlier_seconds = saved["num_tokens"], saved["seconds"]
+            self.report, self.resumed_from = saved["report"], saved["resumed_from"]
+        self.resumed_from = [*self.resumed_from, str(checkpoint)]
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
@@ -56,7 +91,7 @@ class MetricsCallback(TrainerCallback):
             self.num_tokens = float(logs["num_tokens"])
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.seconds = time.perf_counter() - self.start
+        self.seconds = self.earlier_seconds + time.perf_counter() - self.start
 
 
 def engine_info(trainer) -> dict:
@@ -74,6 +109,54 @@ class AdapterSFTTrainer(SFTTrainer):
     def __init__(self, *args, base_model_id: str = "", **kwargs):
         super().__init__(*args, **kwargs)
         self.base_model_id = base_model_id
+        self._staging_root: str | None = None  # while a checkpoint is written: where (see _save_checkpoint)
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint flow (TRL's model card, weights, optimizer/scheduler or DeepSpeed/FSDP state,
+        RNG state of every rank, trainer_state.json) run into `.partial-checkpoints/checkpoint-N`; the directory
+        gets its final name only when every rank is done, so a save cut short (full disk, kill) never looks like a
+        checkpoint to resume from. Rotation then runs on the complete checkpoints."""
+        run_dir = Path(self._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging, final = run_dir / PARTIAL_CHECKPOINTS, run_dir / name
+        if self.args.should_save and (staging / name).exists():  # an earlier save of this step, cut short
+            shutil.rmtree(staging / name)
+        self.accelerator.wait_for_everyone()
+        self._staging_root = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        if self.args.should_save:
+            if self.state.best_model_checkpoint == str(staging / name):  # the Trainer named the staged path
+                self.state.best_model_checkpoint = str(final)
+                self.state.save_to_json(str(staging / name / TRAINER_STATE))
+            for cb in self.callback_handler.callbacks:
+                if isinstance(cb, MetricsCallback):
+                    write_json(staging / name / HISTORY_NAME, cb.history())
+        self.accelerator.wait_for_everyone()  # every rank's files are in
+        if self.args.should_save and (staging / name).exists():  # (another node may have renamed a shared one)
+            move_into_place(staging / name, final)
+            try:
+                staging.rmdir()  # only if empty
+            except OSError:
+                pass
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL names the base model after `config._name_or_path`, which here is the local directory the model was
+        loaded from (a resolved snapshot), and then writes "None"; name the model the run was asked for."""
+        config = self.accelerator.unwrap_model(self.model).config
+        loaded_from, config._name_or_path = config._name_or_path, self.base_model_id or config._name_or_path
+        try:
+            super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        finally:
+            config._name_or_path = loaded_from
 
     def _has_adapters(self) -> bool:
         return any(True for _ in iter_adapters(self.accelerator.unwrap_model(self.model)))
@@ -100,6 +183,9 @@ class AdapterSFTTrainer(SFTTrainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if not self._has_adapters():
+            unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
+            if getattr(unwrapped, "_hf_peft_config_loaded", False) and hasattr(unwrapped, "peft_config"):
+                return _load_integrated_peft_adapter(unwrapped, resume_from_checkpoint)
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         config, state = read_adapter(resume_from_checkpoint)
@@ -117,6 +203,22 @@ class AdapterSFTTrainer(SFTTrainer):
                                          "checkpoint? delete it to resume from the one before)")
                     param.copy_(state[f"{name}.{key}"])
         log.info("resumed adapter values from %s", resume_from_checkpoint)
+
+
+def _load_integrated_peft_adapter(model, checkpoint: str) -> None:
+    """PEFT adapters added with transformers' `model.add_adapter` (the LoRA baselines): the Trainer's own resume only
+    knows PeftModel wrappers and looks for full-model weights here, so the adapter values are put back directly."""
+    from peft.utils import set_peft_model_state_dict
+
+    from .io import load_safetensors
+
+    state = load_safetensors(Path(checkpoint) / "adapter_model.safetensors", what="checkpoint adapter weights",
+                             fix="delete this checkpoint to resume from the one before")
+    result = set_peft_model_state_dict(model, state, adapter_name="default")
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing:
+        raise ValueError(f"{checkpoint}: checkpoint lacks adapter tensors {missing[:3]}")
+    log.info("resumed PEFT adapter values from %s", checkpoint)
 
 
 def _zero3_settings(model, training_args) -> None:
@@ -140,5 +242,11 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, training_args, 
         # before the optimizer exists, so declare them now.
         model._hf_peft_config_loaded = True
     _zero3_settings(model, training_args)
-    return AdapterSFTTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                          processing_class=tokenizer, callbacks=callbacks, base_model_id=base_model_id)
+    trainer = AdapterSFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
+                                eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks,
+                                base_model_id=base_model_id)
+    for cb in callbacks or []:
+        if isinstance(cb, MetricsCallback) and cb.resumed_from:
+            # TRL's logged `num_tokens` counts from 0 in every process and is not in the checkpoint: continue it
+            trainer._total_train_tokens = cb.num_tokens
+    return trainer

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from taso_llm.adapters import SparseAdapterLinear, UPDATES, delta_weight
-from taso_llm.sparse.regions import Region
+from taso_llm.sparse.regions import STRUCTURES, Region
 
 
 def _region(structure, d_out=12, d_in=10, rank=3, seed=0):
@@ -31,7 +31,7 @@ def _explicit_delta(update, region):
     return d
 
 
-@pytest.mark.parametrize("structure", list(UPDATES))
+@pytest.mark.parametrize("structure", STRUCTURES)
 def test_forward_and_grads_equal_dense_delta(structure):
     torch.manual_seed(0)
     region = _region(structure)
@@ -71,7 +71,7 @@ def _explicit_delta_differentiable(update, region):
     return d.index_put((region.rows, region.cols), update.values)
 
 
-@pytest.mark.parametrize("structure", list(UPDATES))
+@pytest.mark.parametrize("structure", STRUCTURES)
 def test_zero_init_gives_base_output_and_param_count(structure):
     region = _region(structure)
     base = nn.Linear(10, 12)
@@ -115,7 +115,7 @@ def _grads(loss, tensors):
     return [t.grad.clone() for t in tensors]
 
 
-@pytest.mark.parametrize("structure", list(UPDATES))
+@pytest.mark.parametrize("structure", STRUCTURES)
 @pytest.mark.parametrize("checkpointed", [None, "reentrant", "non_reentrant"])
 def test_fused_step_equals_autograd_reference(structure, checkpointed):
     """The fused Functions' hand-written backward = autograd on the reference path, to fp64 round-off; also under
@@ -160,7 +160,7 @@ class _InputSizedAllocations(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("structure", list(UPDATES))
+@pytest.mark.parametrize("structure", STRUCTURES)
 def test_fused_backward_builds_no_extra_dense_input_gradient(structure):
     """The frozen layer's backward makes one N × d_in input gradient; the fused adapter adds nothing input-sized
     (no zero tensor to scatter into, no second gradient to sum), while the plain autograd path adds some."""

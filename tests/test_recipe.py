@@ -21,8 +21,10 @@ def _parse(argv):
 
 
 def test_yaml_and_cli_override_parse():
-    data, taso, train, model, own = _parse(["--config", str(DEFAULT), "--budget", "rank2", "--taso_adapter_rank",
-                                            "2", "--output_dir", "/tmp/x", "--target_modules", "q_proj", "v_proj"])
+    data, taso, train, model, *method_args = _parse(["--config", str(DEFAULT), "--budget", "rank2",
+                                                     "--taso_adapter_rank", "2", "--output_dir", "/tmp/x",
+                                                     "--target_modules", "q_proj", "v_proj"])
+    own = next(a for a in method_args if hasattr(a, "taso_structure"))
     assert taso.budget == "rank2" and own.taso_adapter_rank == 2 and own.taso_structure == "lora_block"
     assert taso.target_modules == ["q_proj", "v_proj"]
     assert model.model_name_or_path == "taso-tiny" and data.dataset_name == "taso-tiny"

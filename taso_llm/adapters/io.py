@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .wrap import attach_updates, iter_adapters
+from ..distributed.backend import gathered_params, whole_tensor
 from ..io import load_safetensors, save_safetensors, write_json
 from ..sparse.regions import Region
 
@@ -25,7 +26,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 def adapter_state(model: nn.Module, materialize=lambda t: t) -> dict[str, torch.Tensor]:
     """Indices and trainable values of every adapter as the file stores them: `<module>.<tensor>`, rows/cols as
-    int32, on CPU. `materialize` turns a sharded tensor whole (distributed.gathered_adapter_state passes one)."""
+    int32, on CPU. `materialize` turns a sharded tensor whole (gathered_adapter_state passes one)."""
     state = {}
     for name, wrapper in iter_adapters(model):
         indices = index_names(wrapper.update)
@@ -35,9 +36,20 @@ def adapter_state(model: nn.Module, materialize=lambda t: t) -> dict[str, torch.
     return state
 
 
+def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter as its file stores it, whole on every rank. Collective: all ranks call it. Only the adapter is
+    gathered (a few MB), never the frozen base: ZeRO-3 partitions through GatheredParameters, FSDP2 DTensors through
+    full_tensor(); plain tensors (DDP, ZeRO-2, one process) pass through."""
+    params = [p for _, w in iter_adapters(model) for p in w.update.parameters()]
+    with gathered_params(params):
+        return adapter_state(model, materialize=whole_tensor)
+
+
 def index_names(update: nn.Module) -> list[str]:
-    """An update's index vectors are its buffers (adapters/updates.py registers them so)."""
-    return [key for key, _ in update.named_buffers()]
+    """An update's index vectors are its persistent buffers (adapters/updates.py registers them so). Non-persistent
+    buffers are working copies rebuilt at attach (SMoA's frozen blocks of W): never saved, never compared."""
+    saved = update.state_dict(keep_vars=True)
+    return [key for key, _ in update.named_buffers() if key in saved]
 
 
 def adapter_config(model: nn.Module, base_model: str, extra: dict | None = None) -> dict:

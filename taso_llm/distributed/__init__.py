@@ -6,9 +6,10 @@
     reduce.py         owners, reductions to owners, all-gathers of masks and small reports
 """
 
-from .backend import Backend, gathered_adapter_state, gathered_weight, is_sharded
-from .process_group import (configured_state_defaults, finish_distributed, init_distributed, process_group_timeout,
-                            rank_and_world)
+from .backend import Backend, gathered_weight, is_sharded
+from .process_group import (broadcast_from_main, configured_state_defaults, finish_distributed, init_distributed,
+                            process_group_timeout, rank_and_world)
 
-__all__ = ["Backend", "gathered_adapter_state", "gathered_weight", "is_sharded", "configured_state_defaults",
-           "finish_distributed", "init_distributed", "process_group_timeout", "rank_and_world"]
+__all__ = ["Backend", "gathered_weight", "is_sharded", "broadcast_from_main",
+           "configured_state_defaults", "finish_distributed", "init_distributed", "process_group_timeout",
+           "rank_and_world"]

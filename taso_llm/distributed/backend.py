@@ -88,22 +88,18 @@ def is_quantized(model: nn.Module) -> bool:
     return any(getattr(p, "quant_state", None) is not None for p in model.parameters())
 
 
-def gathered_adapter_state(model: nn.Module) -> dict:
-    """The adapter as its file stores it (adapters_io.adapter_state), whole on every rank. Collective: all ranks
-    call it. Only the adapter is gathered (a few MB), never the frozen base: ZeRO-3 partitions through
-    GatheredParameters, FSDP2 DTensors through full_tensor(); plain tensors (DDP, ZeRO-2, one process) pass through."""
-    from ..adapters import iter_adapters
-    from ..adapters.io import adapter_state
-
-    params = [p for _, w in iter_adapters(model) for p in w.update.parameters()]
-    gather = nullcontext()
+def gathered_params(params: list[nn.Parameter]):
+    """Context in which ZeRO-3-partitioned `params` are whole on every rank (a collective); a no-op otherwise."""
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
 
-        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    with gather:
-        return adapter_state(model, materialize=lambda t: t.full_tensor() if _is_dtensor(t) else t)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return nullcontext()
 
+
+def whole_tensor(t: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 DTensor made whole (a collective); any other tensor as it is."""
+    return t.full_tensor() if _is_dtensor(t) else t
 
 
 @dataclass(frozen=True)
@@ -134,6 +130,3 @@ class Backend:
     def forward_context(model: nn.Module):
         return zero3_forward(model)
 
-    @staticmethod
-    def adapter_state(model: nn.Module) -> dict:
-        return gathered_adapter_state(model)

@@ -19,6 +19,8 @@ METHODS = {
     "full": "taso_llm.methods.full:FullMethod",
     "sparta": "taso_llm.methods.sparta:SpartaMethod",  # seeded random single entries
     "droplora": "taso_llm.methods.droplora:DropLoraMethod",  # LoRA with a rank mask resampled every step
+    "talos": "taso_llm.methods.talos:TalosMethod",  # low-sensitivity sparse entries; task vectors for task arithmetic
+    "smoa": "taso_llm.methods.smoa:SmoaMethod",  # Hadamard modulation of SVD-ordered diagonal blocks of W
 }
 
 
@@ -51,6 +53,8 @@ def detect(run_dir: str | Path) -> Method:
         config = json.loads(adapter.read_text())
         if "method" in config:
             return get_method(config["method"])
+        if str(config.get("format", "")).startswith("taso-adapter/"):  # written by save_adapter without a method
+            return get_method("taso")
         if "peft_type" in config:
             return get_method("lora")
     if model.is_file():

@@ -23,7 +23,7 @@ from taso_llm.adapters import attach_updates  # noqa: E402
 from taso_llm.adapters.io import save_adapter  # noqa: E402
 from taso_llm.distributed import finish_distributed, process_group_timeout  # noqa: E402
 from taso_llm.sparse.masks import load_masks  # noqa: E402
-from taso_llm.distributed import gathered_adapter_state  # noqa: E402
+from taso_llm.adapters.io import gathered_adapter_state  # noqa: E402
 
 
 def main(base: str, masks: str, out: str) -> None:
