@@ -17,6 +17,7 @@ from torch import nn
 
 from ..sparse.regions import Region
 from .fused import DenseBlockFn, EntriesFn, LoraBlockFn
+from .modulated import ModulatedBlocksUpdate
 
 
 def _register_indices(update: nn.Module, region: Region, device) -> None:
@@ -118,10 +119,12 @@ class EntriesUpdate(nn.Module):
         return a, b, 1.0
 
 
-UPDATES = {cls.structure: cls for cls in (LoraBlockUpdate, DenseBlockUpdate, EntriesUpdate)}
+UPDATES = {cls.structure: cls for cls in (LoraBlockUpdate, DenseBlockUpdate, EntriesUpdate, ModulatedBlocksUpdate)}
 
 
 def delta_weight(update: nn.Module) -> torch.Tensor:
     """The dense ΔW of an update (d_out × d_in). For merge/export and tests only, never in a training step."""
+    if hasattr(update, "delta_weight"):  # an update that is no LoRA (SMoA's modulated blocks) forms its own
+        return update.delta_weight()
     a, b, scaling = update.lora_factors()
     return (b.float() @ a.float()) * scaling

@@ -78,6 +78,8 @@ def attach_updates(model: nn.Module, regions: dict[str, Region], alpha: float = 
         update_dtype = dtype or _adapter_dtype(base)
         update = UPDATES[region.structure](region, alpha=alpha, dtype=update_dtype,
                                            device=device if device is not None else ref.device)
+        if hasattr(update, "read_base"):  # keeps a frozen copy of part of W (SMoA); a collective when sharded
+            update.read_base(base)
         wrapped[name] = SparseAdapterLinear(base, update)
         _set_submodule(model, name, wrapped[name])
     return wrapped
