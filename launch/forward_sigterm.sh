@@ -16,7 +16,9 @@
 
 _forward_sigterm_to() {
   local mode=$1 pid=$2 targets=$2
-  [[ $mode == self ]] || targets=$(pgrep -P "$pid" | tr '\n' ' ')
+  if [[ $mode == children ]]; then
+    targets=$(pgrep -P "$pid" | tr '\n' ' ') || true  # none yet: pgrep fails, and `set -e` must not end the script
+  fi
   echo "forward_sigterm: SIGTERM -> ${targets:-$pid}" >&2
   kill -TERM ${targets:-$pid} 2>/dev/null || true
 }
@@ -24,7 +26,10 @@ _forward_sigterm_to() {
 forward_sigterm() {
   local mode=$1 pid rc
   shift
-  [[ $mode == children || $mode == self ]] || { echo "forward_sigterm: mode must be children or self, got '$mode'" >&2; return 2; }
+  if [[ $mode != children && $mode != self ]]; then
+    echo "forward_sigterm: the mode must be children or self, not '$mode'" >&2
+    return 2
+  fi
   "$@" &
   pid=$!
   _forward_sigterm_trapped=0

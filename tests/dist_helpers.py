@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors.torch import load_file
 
@@ -38,6 +39,34 @@ def one_process_run(out: Path) -> Path:
     return out
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launch script and every process under it (the ranks run in sessions of their own)."""
+    try:
+        root = psutil.Process(proc.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[str]:
+    """The processes' outputs once they exit, each asserted 0 (killed with their trees if time runs out)."""
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                kill_tree(p)
+    for p, output in zip(procs, outputs):
+        assert p.returncode == 0, output[-6000:]
+    return outputs
+
+
 def wait_for_file(path: Path, procs: list[subprocess.Popen], timeout: float = 150) -> None:
     """Until `path` exists; fails, with the processes' output, if one of them ended first or time ran out."""
     deadline = time.time() + timeout
@@ -45,8 +74,7 @@ def wait_for_file(path: Path, procs: list[subprocess.Popen], timeout: float = 15
         ended = [p for p in procs if p.poll() is not None]
         if ended or time.time() > deadline:
             for p in procs:
-                if p.poll() is None:
-                    p.kill()
+                kill_tree(p)
             logs = "\n".join(f"--- exit {p.returncode}\n{(p.communicate()[0] or '')[-4000:]}" for p in procs)
             raise AssertionError(f"{path} never appeared ({'a process ended' if ended else 'timeout'}):\n{logs}")
         time.sleep(0.2)

@@ -22,8 +22,8 @@ from transformers import TrainerControl, TrainerState
 from taso_llm.preemption import PREEMPTED_FILE_ENV, PreemptionCallback
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_helpers import (OBSERVED, ROOT, assert_same_adapter, launch_cmd, launch_env, processes_with,  # noqa: E402
-                          recipe_args, wait_for_file)
+from dist_helpers import (OBSERVED, ROOT, assert_same_adapter, finish, launch_cmd, launch_env,  # noqa: E402
+                          processes_with, recipe_args, wait_for_file)
 
 
 @pytest.fixture
@@ -67,6 +67,34 @@ def test_finish_writes_the_checkpoint_for_the_requeue_on_the_main_process_only(c
     report = callback.finish(is_main=True)
     assert report == {"preempted": True, "global_step": 7, "checkpoint": str(tmp_path / "checkpoint-7")}
     assert marker.read_text() == f"{tmp_path / 'checkpoint-7'}\n"
+
+
+# A launcher like `accelerate launch` with one process: it starts the trainer and has no SIGTERM handler of its own.
+LAUNCHER = """
+import subprocess, sys
+sys.exit(subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]]).wait())
+"""
+TRAINER = """
+import pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[1])
+signal.signal(signal.SIGTERM, lambda *_: (out.joinpath("stopped").touch(), sys.exit(0)))
+out.joinpath("ready").touch()
+time.sleep(60)
+sys.exit(5)
+"""
+
+
+def test_forward_sigterm_signals_the_trainer_not_the_launcher(tmp_path):
+    cmd = [str(ROOT / "launch" / "forward_sigterm.sh"), sys.executable, "-c", LAUNCHER, TRAINER, str(tmp_path)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    wait_for_file(tmp_path / "ready", [proc], timeout=30)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, proc.stderr.read()  # the trainer's status, through the launcher
+    assert (tmp_path / "stopped").exists()
+
+
+def test_forward_sigterm_returns_the_command_status():
+    assert subprocess.run([str(ROOT / "launch" / "forward_sigterm.sh"), "bash", "-c", "exit 7"]).returncode == 7
 
 
 def _agree(rank: int, port: int, results):
@@ -118,8 +146,7 @@ def test_sigterm_to_the_launch_script_checkpoints_and_the_resumed_run_equals_an_
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_file(paused, [proc])
     proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, output[-4000:]
+    (output,) = finish([proc])
     assert processes_with(tmp_path.name) == [], "a training process outlived its launcher"
     assert (out / "checkpoint-3" / "trainer_state.json").is_file(), output[-4000:]
     assert not any((out / name).exists() for name in ("adapter_model.safetensors", "metrics.json"))
