@@ -32,7 +32,7 @@ def test_every_model_task_method_exists():
     names = {(p.parent.name, p.stem) for p in RECIPES}
     for model in ("llama-3.1-8b", "qwen2.5-7b", "tiny"):
         for task in ("instruct", "math", "code"):
-            for method in ("taso", "qlora", "lora_r1"):
+            for method in ("taso", "qlora", "lora_r1", "sparta", "droplora"):
                 assert (model, f"{task}_{method}") in names
 
 
@@ -69,6 +69,12 @@ def test_recipe_parses_and_fields_are_valid(path):
     if method == "taso":
         assert taso.method == "taso" and taso.budget == "rank1" and own.taso_structure == "lora_block"
         assert own.taso_adapter_rank == 4 and set(taso.target_modules) == PROJECTIONS
+    if method == "sparta":  # the authors' layout: random entries of V and O at density 0.01
+        assert taso.target_modules == ["v_proj", "o_proj"] and own.sparta_density == 0.01
+    if method == "droplora":  # the authors' recipes: r32/a64 (r64/a128 for math on the GPU models), p 0.5
+        r = 64 if task == "math" and path.parent.name != "tiny" else 32
+        assert (own.droplora_r, own.droplora_alpha, own.droplora_p) == (r, 2.0 * r, 0.5)
+        assert set(taso.target_modules) == {"q_proj", "k_proj", "v_proj", "up_proj", "down_proj"}
 
 
 def test_recipes_and_data_match_the_generator(tmp_path):

@@ -1,4 +1,4 @@
-"""Writes every `<model>/<task>_<method>.yaml` recipe from one table, so the 27 files cannot drift apart.
+"""Writes every `<model>/<task>_<method>.yaml` recipe from one table, so the files cannot drift apart.
 
     python recipes/configs/generate.py            # rewrite the files (tests/test_configs.py checks they are current)
 
@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TASKS = ("instruct", "math", "code")
-METHODS = ("taso", "qlora", "lora_r1")
+METHODS = ("taso", "qlora", "lora_r1", "sparta", "droplora", "smoa")
 
 GPU_MODELS = {"llama-3.1-8b": "meta-llama/Llama-3.1-8B", "qwen2.5-7b": "Qwen/Qwen2.5-7B"}
 # Where each task is evaluated after training (recipes/evaluate.py / recipes/compare.py): not a TrlParser field, so
@@ -41,6 +41,11 @@ TINY_DATA = {  # instruct: the bundled mixed set (the embedded default); math/co
 TINY_DATA_ROWS = {"math": (400, 0), "code": (400, 0)}  # rows, seed of taso_llm.proxy.write_task_data
 
 LORA = dict(lora_target_modules=PROJECTIONS, lora_dropout=0.05)
+SPARTA = dict(target_modules=["v_proj", "o_proj"], sparta_density=0.01, sparta_sampling="exact")
+DROPLORA = dict(target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], droplora_r=32,
+                droplora_alpha=64.0, droplora_p=0.5, droplora_mode="step")
+SMOA = dict(target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], smoa_rank=8, smoa_subspaces=2,
+            smoa_alpha=8.0)
 GPU_METHODS = {
     # TASO: rank-1 budget per matrix, rank-4 block; sqrt LR scaling multiplies learning_rate (≈ x2 for lora_block r=4).
     "taso": dict(method="taso", target_modules=PROJECTIONS, budget="rank1", budget_scope="matrix",
@@ -51,7 +56,15 @@ GPU_METHODS = {
                   lora_r=16, lora_alpha=32, **LORA, learning_rate=2.0e-4),
     # LoRA r=1: exactly TASO's rank-1 budget (d_in + d_out per matrix); narrow adapters want a larger LR.
     "lora_r1": dict(method="lora", lora_r=1, lora_alpha=2, **LORA, learning_rate=5.0e-4),
+    # SpaRTA as its authors ran it: random entries of V and O only, density 0.01 (their code's example; LR ours).
+    "sparta": dict(method="sparta", **SPARTA, learning_rate=1.0e-4),
+    # DropLoRA as its authors ran it: q, k, v, up, down; r32/a64 (r64/a128 for math: GPU_TASK_METHODS); p 0.5; lr 3e-4.
+    "droplora": dict(method="droplora", **DROPLORA, learning_rate=3.0e-4),
+    # SMoA as its authors ran it: K=2, r=8, alpha=8, lr 1e-3 on q, k, v, up, down: (r/K)(d_in + d_out) params per
+    # matrix (a rank-4 LoRA's count); the frozen diagonal blocks hold about half of those weights again.
+    "smoa": dict(method="smoa", **SMOA, learning_rate=1.0e-3),
 }
+GPU_TASK_METHODS = {("math", "droplora"): dict(droplora_r=64, droplora_alpha=128.0)}  # per task, over GPU_METHODS
 TINY_METHODS = {
     "taso": dict(method="taso", budget="rank1", budget_scope="matrix", calibration_samples=128,
                  calibration_batch_size=16, taso_structure="lora_block", taso_adapter_rank=4, taso_lr_scaling="sqrt",
@@ -59,6 +72,9 @@ TINY_METHODS = {
     "qlora": dict(method="lora", load_in_4bit=True, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True,
                   lora_r=16, lora_alpha=32, **LORA, learning_rate=2.0e-3),
     "lora_r1": dict(method="lora", lora_r=1, lora_alpha=2, **LORA, learning_rate=3.0e-3),
+    "sparta": dict(method="sparta", **SPARTA, learning_rate=1.0e-2),
+    "droplora": dict(method="droplora", **DROPLORA, learning_rate=1.0e-3),
+    "smoa": dict(method="smoa", **SMOA, learning_rate=3.0e-2),  # ΔW = (B A) ⊙ W: small random weights, larger LR
     # Reference only (every weight trainable): the proxy comparison's upper line; no GPU recipe (needs ZeRO-3).
     "full": dict(method="full", learning_rate=3.0e-4),
 }
@@ -103,7 +119,7 @@ def recipe(model_dir: str, task: str, method: str) -> str:
         model = dict(model_name_or_path=GPU_MODELS[model_dir], dtype="bfloat16", attn_implementation="sdpa")
         data = GPU_DATA[task]
         training = {**GPU_TRAINING, "num_train_epochs": GPU_EPOCHS[task]}
-        method_values = dict(GPU_METHODS[method])
+        method_values = {**GPU_METHODS[method], **GPU_TASK_METHODS.get((task, method), {})}
     lr = method_values.pop("learning_rate")
     training = {"output_dir": f"outputs/{model_dir}-{task}-{method}", **training, "learning_rate": lr}
     return "\n".join([header + _block(model), _block(data), _block(method_values), _block(training)])
