@@ -45,6 +45,9 @@ class MethodArguments:
     export_peft: bool = field(default=True, metadata={
         "help": "Also write the adapter as a PEFT LoRA (peft_lora/) when the method can do so exactly."})
     save_merged: bool = field(default=False, metadata={"help": "Also write base + adapter merged (merged/)."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Replace the outputs of an earlier run in output_dir (without it, or resume_from_checkpoint, such a "
+                "directory is refused). Only the run's own files go, once the new run starts training."})
 
     def budget_policy(self) -> BudgetPolicy:
         return BudgetPolicy(scope=self.budget_scope, rule=self.budget_allocation, floor=float(self.budget_floor),

@@ -28,6 +28,16 @@ def comm_device() -> torch.device:
 
 
 
+def broadcast_from_main(obj):
+    """`obj` as the main process (global rank 0) has it, on every rank: for a decision only the main process can
+    make (it holds a lock, reads the output directory) that every rank must then act on alike."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=comm_device())
+    return box[0]
+
+
 def process_group_timeout(default_s: float = 1800.0) -> timedelta:
     """How long a collective may wait for a missing rank before the job fails (TASO_DDP_TIMEOUT seconds).
 

@@ -19,6 +19,7 @@ from ..adapters import attach_updates
 from ..adapters.export import export_peft_lora, merge_adapters
 from ..adapters.io import load_adapter, save_adapter
 from ..distributed.backend import Backend
+from ..outputs import pending_path
 from ..sparse.masks import check_masks_fit, load_masks, save_masks
 from ..sparse.regions import STRUCTURES, lora_params, min_budget, parse_budget
 from ..sparse.select import SelectionSpec, select_regions
@@ -144,7 +145,8 @@ class TasoMethod(Method):
         masks_file = Path(ctx.output_dir) / MASKS_FILE
         if ctx.is_main:
             unwrapped = sorted(set(shapes) - set(regions))
-            save_masks(masks_file, regions, ctx.model_id, unwrapped=unwrapped,
+            # pending until the run commits (training starts): a run that fails before never replaces earlier masks
+            save_masks(pending_path(masks_file), regions, ctx.model_id, unwrapped=unwrapped,
                        extra={"budget": shared.budget, "budget_scope": shared.budget_scope,
                               "structure": own.taso_structure, "adapter_rank": own.taso_adapter_rank,
                               "taso_config": vars(own)})
