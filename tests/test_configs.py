@@ -32,7 +32,7 @@ def test_every_model_task_method_exists():
     names = {(p.parent.name, p.stem) for p in RECIPES}
     for model in ("llama-3.1-8b", "qwen2.5-7b", "tiny"):
         for task in ("instruct", "math", "code"):
-            for method in ("taso", "qlora", "lora_r1", "sparta", "droplora"):
+            for method in ("taso", "qlora", "lora_r1", "sparta", "droplora", "smoa"):
                 assert (model, f"{task}_{method}") in names
 
 
@@ -74,6 +74,9 @@ def test_recipe_parses_and_fields_are_valid(path):
     if method == "droplora":  # the authors' recipes: r32/a64 (r64/a128 for math on the GPU models), p 0.5
         r = 64 if task == "math" and path.parent.name != "tiny" else 32
         assert (own.droplora_r, own.droplora_alpha, own.droplora_p) == (r, 2.0 * r, 0.5)
+        assert set(taso.target_modules) == {"q_proj", "k_proj", "v_proj", "up_proj", "down_proj"}
+    if method == "smoa":  # the authors' defaults: K=2, r=8, alpha=8 on q, k, v, up, down
+        assert (own.smoa_subspaces, own.smoa_rank, own.smoa_alpha) == (2, 8, 8.0) and taso.budget == "rank1"
         assert set(taso.target_modules) == {"q_proj", "k_proj", "v_proj", "up_proj", "down_proj"}
 
 
