@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..adapters import attach_updates
@@ -20,6 +21,7 @@ from ..adapters.export import export_peft_lora, merge_adapters
 from ..adapters.io import load_adapter, save_adapter
 from ..distributed.backend import Backend
 from ..outputs import pending_path
+from ..sparse.block_gradient import aligned_inits
 from ..sparse.masks import check_masks_fit, load_masks, save_masks
 from ..sparse.regions import STRUCTURES, lora_params, min_budget, parse_budget
 from ..sparse.select import SelectionSpec, select_regions
@@ -49,6 +51,11 @@ class TasoArguments:
         default=True,
         metadata={"help": "Recompute decoder layers in the importance backward (reentrant activation checkpointing), "
                           "so scoring needs no more activation memory than checkpointed training."})
+    taso_init: str = field(
+        default="random",
+        metadata={"help": "Init of the lora_block factor A: 'random' (Kaiming uniform, as PEFT) or 'gradient' (A from "
+                          "the top-r right singular vectors of the calibration gradient restricted to the block, "
+                          "B = 0 so the initial output is unchanged; one more calibration pass; sparse/block_gradient.py)."})
     taso_lr_scaling: str = field(
         default="sqrt",
         metadata={"help": "Sparsity-aware learning-rate multiplier: 'none', 'sqrt' ((d_in+d_out)/(|R|+|C|))^0.5 "
@@ -109,6 +116,8 @@ class TasoMethod(Method):
         if own.taso_adapter_rank < 1:
             raise ValueError(f"taso_adapter_rank={own.taso_adapter_rank}: must be at least 1")
         parse_lr_scaling(own.taso_lr_scaling)
+        if own.taso_init not in ("random", "gradient"):
+            raise ValueError(f"taso_init={own.taso_init!r}: expected 'random' or 'gradient'")
         need = min_budget(own.taso_structure, own.taso_adapter_rank)
         for name, shape in shapes.items():
             budget = parse_budget(shared.budget, shape)
@@ -150,7 +159,14 @@ class TasoMethod(Method):
                        extra={"budget": shared.budget, "budget_scope": shared.budget_scope,
                               "structure": own.taso_structure, "adapter_rank": own.taso_adapter_rank,
                               "taso_config": vars(own)})
-        attach_updates(model, regions, alpha=own.alpha)
+        inits = {}
+        if own.taso_init == "gradient":  # (a resumed run then loads A from its checkpoint over it)
+            inits = aligned_inits(model, targets, regions, ctx.calibration(), Backend.for_model(model),
+                                  own.taso_importance_checkpointing)
+        wrappers = attach_updates(model, regions, alpha=own.alpha)
+        with torch.no_grad():
+            for name, a in inits.items():
+                wrappers[name].update.lora_A.copy_(a)
         trainable = sum(r.num_params() for r in regions.values())
         lora1 = sum(lora_params(s) for s in shapes.values())
         multiplier = lr_multiplier(own.taso_lr_scaling, regions)
