@@ -35,6 +35,7 @@ BAD = {
     "full": (dict(), None, dict(load_in_4bit=True), "4-bit"),
     "sparta": (dict(), dict(sparta_density=2.0), dict(), "sparta_density=2.0"),
     "droplora": (dict(), dict(droplora_p=1.0), dict(), "droplora_p=1.0"),
+    "smoa": (dict(), dict(smoa_subspaces=0), dict(), "smoa_subspaces=0"),
 }
 
 
@@ -101,6 +102,8 @@ def test_prepare_identity_count_save_load_merge(name, tiny_model, tiny_path, tmp
         assert trainable == report.lora_r1_params == sum(lay["params"] for lay in report.layers.values())
     elif name == "droplora":  # a rank-r LoRA on every target matrix
         assert trainable == sum(lora_params(s, own.droplora_r) for s in shapes)
+    elif name == "smoa":  # rank r split over K diagonal blocks: (r/K)(d_in + d_out) per matrix (dims divisible by K)
+        assert trainable == sum(lora_params(s, own.smoa_rank // own.smoa_subspaces) for s in shapes)
     else:
         assert trainable == sum(p.numel() for p in tiny_model.parameters())
     # zero init (taso: B = 0; lora: B = 0; full: nothing changed yet): the base model's function
@@ -129,7 +132,7 @@ STEPS = ["--max_steps", "4", "--save_steps", "2", "--logging_steps", "1", "--per
          "8", "--export_peft", "false", "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--seed", "3",
          "--max_train_samples", "64", "--lora_r", str(LORA_R), "--lora_alpha", str(2 * LORA_R),
          "--lora_target_modules", *DEFAULT_TARGETS]
-LR = {"taso": "1e-2", "lora": "1e-2", "full": "1e-4", "sparta": "1e-2", "droplora": "1e-2"}
+LR = {"taso": "1e-2", "lora": "1e-2", "full": "1e-4", "sparta": "1e-2", "droplora": "1e-2", "smoa": "1e-2"}
 
 
 def _recipe(name, out, *extra):
