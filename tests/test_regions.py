@@ -65,3 +65,14 @@ def test_zero_importance_is_deterministic():
     a = choose_region(*z, (8, 6), "lora_block", 14, rank=1)
     b = choose_region(*z, (8, 6), "lora_block", 14, rank=1)
     assert torch.equal(a.rows, b.rows) and torch.equal(a.cols, b.cols)
+
+
+@pytest.mark.parametrize("high", [True, False])
+def test_top_entries_equal_the_first_k_of_a_stable_sort_with_ties(high):
+    from taso_llm.sparse.regions import top_entries
+
+    g = torch.Generator().manual_seed(0)
+    for scores in (torch.randint(0, 5, (30, 40), generator=g).float(), torch.rand(30, 40, generator=g)):
+        for k in (1, 7, 240, 241, 600, 1199, 1200, 5000):
+            reference = torch.sort(scores.flatten(), descending=high, stable=True).indices[:k]
+            assert torch.equal(top_entries(scores, k, high), torch.sort(reference).values), (k, high)
