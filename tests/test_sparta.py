@@ -201,12 +201,14 @@ def test_report_masks_and_adapter_file(tiny_model, tmp_path):
     from safetensors.torch import load_file
 
     from taso_llm.adapters.io import adapter_state
+    from taso_llm.outputs import pending_path
 
     shapes = {n: layer_shape(m) for n, m in find_targets(tiny_model, DEFAULT_TARGETS).items()}
     report = _prepare(tiny_model, tmp_path, sparta_density=0.02)
     assert report.trainable_params == sum(round(0.02 * a * b) for a, b in shapes.values())
-    assert report.details["sparta_seed"] == 5 and (tmp_path / "masks.safetensors").is_file()
-    masks = load_file(str(tmp_path / "masks.safetensors"))
+    masks_file = pending_path(tmp_path / "masks.safetensors")  # moved into place when the run commits
+    assert report.details["sparta_seed"] == 5 and masks_file.is_file()
+    masks = load_file(str(masks_file))
     state = adapter_state(tiny_model)
     for name in shapes:
         assert state[f"{name}.rows"].dtype == torch.int32 and state[f"{name}.values"].dtype == torch.float32

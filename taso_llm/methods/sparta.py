@@ -26,6 +26,7 @@ from ..adapters import attach_updates
 from ..adapters.export import merge_adapters
 from ..adapters.io import load_adapter, save_adapter
 from ..distributed.backend import Backend
+from ..outputs import pending_path
 from ..sparse.masks import check_masks_fit, load_masks, save_masks
 from ..sparse.regions import lora_params
 from ..sparse.seeded import SeededRandomScore, generator
@@ -132,8 +133,8 @@ class SpartaMethod(Method):
             details.update(selection.report)
         details["selection_seconds"] = time.perf_counter() - start
         masks_file = Path(ctx.output_dir) / MASKS_FILE
-        if ctx.is_main:
-            save_masks(masks_file, regions, ctx.model_id, unwrapped=sorted(set(shapes) - set(regions)),
+        if ctx.is_main:  # pending until the run commits (training starts), as TASO's
+            save_masks(pending_path(masks_file), regions, ctx.model_id, unwrapped=sorted(set(shapes) - set(regions)),
                        extra={"method": self.name, "budget": shared.budget, "budget_scope": shared.budget_scope,
                               "sparta_config": {**vars(own), "sparta_seed": seed}})
         attach_updates(model, regions)
