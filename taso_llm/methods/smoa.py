@@ -23,6 +23,7 @@ from ..adapters import attach_updates
 from ..adapters.export import merge_adapters
 from ..adapters.io import load_adapter, save_adapter
 from ..distributed.backend import Backend
+from ..outputs import pending_path
 from ..sparse.masks import check_masks_fit, load_masks, save_masks
 from ..sparse.regions import lora_params
 from ..sparse.svd_order import STRUCTURE, modulated_params, select_modulated_blocks
@@ -94,8 +95,8 @@ class SmoaMethod(Method):
                                                               Backend.for_model(model), ctx.show_progress)
             details.update(report)
         masks_file = Path(ctx.output_dir) / MASKS_FILE
-        if ctx.is_main:
-            save_masks(masks_file, regions, ctx.model_id, extra={"smoa_config": vars(own)})
+        if ctx.is_main:  # pending until the run commits (training starts), as TASO's
+            save_masks(pending_path(masks_file), regions, ctx.model_id, extra={"smoa_config": vars(own)})
         wrapped = attach_updates(model, regions, alpha=own.smoa_alpha)  # reads each W once, for its frozen blocks
         frozen = [f"{name}.update.{b}" for name, w in wrapped.items() for b in w.update.frozen_buffer_names()]
         # The frozen blocks are the same on every rank (read from the same W): DDP must not broadcast them per step
