@@ -44,11 +44,18 @@ class Region:
         return cls(structure, tuple(shape), indices["rows"].long(), indices["cols"].long(), rank=rank, extra=extra)
 
     def num_params(self) -> int:
-        if self.structure == "lora_block":
-            return self.rank * (len(self.rows) + len(self.cols))
-        if self.structure == "dense_block":
-            return len(self.rows) * len(self.cols)
-        return len(self.rows)
+        count = PARAM_COUNTS.get(self.structure)
+        if count is None:
+            raise ValueError(f"structure {self.structure!r} has no registered parameter count (regions.PARAM_COUNTS)")
+        return count(self)
+
+
+# Trainable parameters of a region, per structure; a module that adds a structure registers its count here.
+PARAM_COUNTS = {
+    "lora_block": lambda r: r.rank * (len(r.rows) + len(r.cols)),
+    "dense_block": lambda r: len(r.rows) * len(r.cols),
+    "entries": lambda r: len(r.rows),
+}
 
 
 def parse_budget(budget: str | int, shape: tuple[int, int]) -> int:

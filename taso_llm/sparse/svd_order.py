@@ -31,7 +31,7 @@ from ..distributed.backend import Backend
 from ..distributed.reduce import assign_owners, share_object, share_regions
 from ..targets import layer_shape
 from .importance import LayerStats
-from .regions import Region
+from .regions import PARAM_COUNTS, Region
 from .statistics import Scores
 
 STRUCTURE = "modulated_blocks"  # adapters/modulated.py: ΔW_kk = (B_k A_k) ⊙ W_kk on each diagonal block
@@ -87,6 +87,9 @@ def modulated_params(region: Region) -> int:
     """Trainable parameters of a modulated-blocks region: Σ_k r_k (|R_k| + |C_k|) ≈ (r/K)(d_in + d_out)."""
     rows, cols = region.extra["row_offsets"].diff().tolist(), region.extra["col_offsets"].diff().tolist()
     return sum(r * (a + b) for r, a, b in zip(split_rank(region.rank, len(rows)), rows, cols))
+
+
+PARAM_COUNTS[STRUCTURE] = modulated_params
 
 
 def diagonal_energy_share(weight: torch.Tensor, region: Region) -> float:
