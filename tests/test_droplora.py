@@ -186,6 +186,10 @@ def test_validate_names_the_field():
                          (dict(droplora_alpha=0.0), "droplora_alpha=0.0")]:
         with pytest.raises(ValueError, match=message):
             method.validate(MethodArguments(method="droplora"), method.args_class(**own), {"m.q_proj": (64, 64)})
+    for shared, message in [(dict(budget="rank4"), "budget='rank4'"), (dict(budget_scope="model"), "budget_scope"),
+                            (dict(masks_path="masks.safetensors"), "masks_path")]:
+        with pytest.raises(ValueError, match=message):
+            method.validate(MethodArguments(method="droplora", **shared), method.args_class(), {"m.q_proj": (64, 64)})
 
 
 @pytest.mark.slow

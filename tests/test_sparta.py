@@ -214,3 +214,16 @@ def test_report_masks_and_adapter_file(tiny_model, tmp_path):
         assert state[f"{name}.rows"].dtype == torch.int32 and state[f"{name}.values"].dtype == torch.float32
         assert torch.equal(masks[f"{name}.rows"], state[f"{name}.rows"])
         assert not state[f"{name}.values"].any()  # zero init
+
+
+def test_masks_of_another_structure_are_refused(tiny_model, tmp_path):
+    from taso_llm.sparse.masks import save_masks
+    from taso_llm.sparse.regions import Region
+
+    shapes = {n: layer_shape(m) for n, m in find_targets(tiny_model, DEFAULT_TARGETS).items()}
+    blocks = {n: Region("lora_block", s, torch.arange(2), torch.arange(2), rank=1) for n, s in shapes.items()}
+    save_masks(tmp_path / "blocks.safetensors", blocks, "taso-tiny")
+    ctx = RunContext(output_dir=tmp_path, model_id="taso-tiny", show_progress=False)
+    shared = MethodArguments(method="sparta", masks_path=str(tmp_path / "blocks.safetensors"))
+    with pytest.raises(ValueError, match="holds \\['lora_block'\\] regions"):
+        get_method("sparta").prepare(tiny_model, shared, SpartaArguments(), ctx)

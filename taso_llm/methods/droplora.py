@@ -80,6 +80,12 @@ class DropLoraMethod(Method):
             raise ValueError(f"droplora_p={own.droplora_p}: must be in [0, 1)")
         if own.droplora_mode not in MODES:
             raise ValueError(f"droplora_mode={own.droplora_mode!r}: expected one of {list(MODES)}")
+        # shared options of the sparse methods that would be silently ignored here: refused instead
+        for field_name, value, default in (("budget", shared.budget, "rank1"), ("budget_scope", shared.budget_scope,
+                                           "matrix"), ("masks_path", shared.masks_path, None)):
+            if value != default:
+                raise ValueError(f"{field_name}={value!r}: method=droplora trains a rank-droplora_r LoRA on every "
+                                 "target matrix (no budget allocation, no masks); set droplora_r instead")
 
     def prepare(self, model: nn.Module, shared, own: DropLoraArguments, ctx: RunContext) -> Report:
         shapes = {name: layer_shape(m) for name, m in find_targets(model, shared.target_modules).items()}

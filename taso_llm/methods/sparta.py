@@ -125,6 +125,10 @@ class SpartaMethod(Method):
         if shared.masks_path:
             regions, header = load_masks(shared.masks_path)
             check_masks_fit(regions, shapes, shared.masks_path, unwrapped=header.get("unwrapped", ()))
+            other = sorted({r.structure for r in regions.values()} - {"entries"})
+            if other:
+                raise ValueError(f"masks_path={shared.masks_path}: holds {other} regions; SpaRTA trains single "
+                                 "entries (masks written by a sparta run, or taso_structure: entries)")
             details["masks_reused_from"] = str(shared.masks_path)
         else:
             selection = select_regions(model, targets, SeededRandomScore(seed), self.spec(shared, own, seed),
