@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sparse.regions import Region
+from ..sparse.regions import PARAM_COUNTS, Region
 from ..sparse.seeded import generator
 from .updates import UPDATES, _register_indices
 
@@ -125,3 +125,4 @@ def full_region(shape: tuple[int, int], rank: int) -> Region:
 # Registered when this module is imported (methods/droplora.py imports it, so every path that builds or loads a
 # DropLoRA adapter has it): the structure-generic tests of the fused sparse updates iterate UPDATES.
 UPDATES.setdefault(RankDropoutUpdate.structure, RankDropoutUpdate)
+PARAM_COUNTS.setdefault(RankDropoutUpdate.structure, lambda r: r.rank * (len(r.rows) + len(r.cols)))

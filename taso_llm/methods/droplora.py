@@ -94,7 +94,7 @@ class DropLoraMethod(Method):
         for name, wrapper in attach_updates(model, regions, alpha=own.droplora_alpha).items():
             wrapper.update.seed_init(ctx.seed, name)
             wrapper.update.schedule, wrapper.update.key = schedule, name
-        trainable = sum(lora_params(s, own.droplora_r) for s in shapes.values())
+        trainable = sum(r.num_params() for r in regions.values())
         lora1 = sum(lora_params(s) for s in shapes.values())
         log.info("DropLoRA r=%d alpha=%g on %d matrices: %d trainable params (rank-1 LoRA: %d); rank dropout p=%g, "
                  "mode=%s, rescale=%s", own.droplora_r, own.droplora_alpha, len(shapes), trainable, lora1,
