@@ -30,11 +30,3 @@ def tiny_model(tiny_path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_path)
-
-
-@pytest.fixture(scope="session")
-def one_process_run(tmp_path_factory, tiny_path):
-    """The recipe in one process, uninterrupted (tests/dist_helpers.py): the reference of the launch/ tests."""
-    from dist_helpers import one_process_run
-
-    return one_process_run(tmp_path_factory.mktemp("one-process"))

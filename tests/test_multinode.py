@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_helpers import (OBSERVED, ROOT, _free_port, assert_adapter_saved_once, assert_same_adapter,  # noqa: E402
-                          assert_same_masks, finish, kill_tree, launch_env, recipe_args, wait_for_file)
+from dist_helpers import (FINAL_FILES, OBSERVED, ROOT, _free_port, assert_adapter_saved_once,  # noqa: E402
+                          assert_same_adapter, assert_same_masks, finish, kill_tree, launch_env, one_process_run,
+                          recipe_args, wait_for_file)
 
 pytestmark = pytest.mark.slow
 FAKE_SLURM = ROOT / "tests" / "dist" / "fake_slurm"
@@ -43,6 +44,12 @@ def _torchrun_nodes(args: list[str], port: int, **env_extra) -> list[subprocess.
 
 
 @pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_path):
+    """The reference: the recipe in one process, uninterrupted."""
+    return one_process_run(tmp_path_factory.mktemp("one-process"))
+
+
+@pytest.fixture(scope="module")
 def torchrun_zero3(tmp_path_factory, tiny_path):
     out = tmp_path_factory.mktemp("torchrun")
     # On CPU the recipe creates the gloo group before it parses --deepspeed, so it must be told here that the run is
@@ -52,10 +59,10 @@ def torchrun_zero3(tmp_path_factory, tiny_path):
     return out
 
 
-def test_torchrun_two_nodes_masks_equal_one_process_adapter_saved_once(torchrun_zero3, one_process_run):
+def test_torchrun_two_nodes_masks_equal_one_process_adapter_saved_once(torchrun_zero3, one_process):
     metrics = json.loads((torchrun_zero3 / "run" / "metrics.json").read_text())
     assert (metrics["distributed_type"], metrics["zero_stage"], metrics["world_size"]) == ("DEEPSPEED", 3, 2)
-    assert_same_masks(one_process_run, torchrun_zero3 / "run")
+    assert_same_masks(one_process, torchrun_zero3 / "run")
     assert_adapter_saved_once(torchrun_zero3 / "writes.log")
 
 
@@ -72,7 +79,7 @@ def _sbatch(tmp: Path, args: list[str], **env_extra) -> subprocess.Popen:
 
 
 def test_slurm_sigterm_checkpoints_requeues_and_the_requeued_job_resumes_exactly(tmp_path, torchrun_zero3,
-                                                                                 one_process_run):
+                                                                                 one_process):
     out, paused = tmp_path / "run", tmp_path / "paused"
     job = _sbatch(tmp_path, recipe_args(out), TASO_PAUSE_AT_STEP="2", TASO_PAUSED_FILE=str(paused))
     wait_for_file(paused, [job])
@@ -81,7 +88,7 @@ def test_slurm_sigterm_checkpoints_requeues_and_the_requeued_job_resumes_exactly
     assert (tmp_path / "slurm.log").read_text() == "requeue 4242\n", output[-6000:]
     assert (tmp_path / "job.preempted").read_text().strip() == str(out / "checkpoint-3")
     assert (out / "checkpoint-3" / "trainer_state.json").is_file()
-    assert not any((out / name).exists() for name in ("adapter_model.safetensors", "metrics.json"))
+    assert not any((out / name).exists() for name in FINAL_FILES)
     assert "SIGTERM: stopped after step 3" in output
 
     (output,) = finish([_sbatch(tmp_path, recipe_args(out), SLURM_RESTART_COUNT="1",
@@ -89,7 +96,7 @@ def test_slurm_sigterm_checkpoints_requeues_and_the_requeued_job_resumes_exactly
     assert (tmp_path / "slurm.log").read_text() == "requeue 4242\n", "a finished job was requeued"
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["distributed_type"], metrics["zero_stage"], metrics["world_size"]) == ("DEEPSPEED", 3, 2)
-    assert_same_masks(one_process_run, out)
+    assert_same_masks(one_process, out)
     assert_same_adapter(torchrun_zero3 / "run", out)
     assert_adapter_saved_once(tmp_path / "writes.log")
 
