@@ -119,7 +119,9 @@ def run_sft(data_args: DataArguments, shared: MethodArguments, training_args, mo
     outputs.commit()  # the directory is this run's from here: earlier outputs replaced, masks moved into place
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if preemption.stopped:  # SIGTERM: the checkpoint is all this run leaves, nothing that says "finished"
-        return preemption.finish(state.is_main_process)
+        stopped = preemption.finish(state.is_main_process)
+        outputs.release()
+        return stopped
     out, final = Path(training_args.output_dir), outputs.pending  # final files wait in `final` until all are written
     if method.own_adapter_format:
         adapter = gathered_adapter_state(trainer.accelerator.unwrap_model(trainer.model))  # collective: all ranks
