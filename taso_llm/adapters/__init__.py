@@ -4,5 +4,6 @@ FSDP bases keep working. Structures are registered in `updates.UPDATES`."""
 
 from .updates import UPDATES, delta_weight
 from .wrap import SparseAdapterLinear, attach_updates, iter_adapters
+from . import rank_dropout  # noqa: E402,F401  (registers DropLoRA's update in UPDATES: files load without the method)
 
 __all__ = ["UPDATES", "delta_weight", "SparseAdapterLinear", "attach_updates", "iter_adapters"]

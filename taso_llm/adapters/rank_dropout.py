@@ -106,11 +106,11 @@ class RankDropoutUpdate(nn.Module):
         with torch.no_grad():
             self.lora_A.copy_(a)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         h = x @ self.lora_A.T
         if self.training and self.schedule is not None:
             h = self.schedule.apply(h, self.key)
-        return (h @ self.lora_B.T) * self.scaling, self.rows
+        return (h @ self.lora_B.T) * self.scaling, None  # every output row: the wrapper adds without an index
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Exactly a PEFT LoRA: A, B and alpha / r (no mask at inference)."""
@@ -123,6 +123,6 @@ def full_region(shape: tuple[int, int], rank: int) -> Region:
 
 
 # Registered when this module is imported (methods/droplora.py imports it, so every path that builds or loads a
-# DropLoRA adapter has it): the structure-generic tests of the fused sparse updates iterate UPDATES.
+# DropLoRA adapter has it); adapters/__init__.py imports this module so every adapter file can be loaded.
 UPDATES.setdefault(RankDropoutUpdate.structure, RankDropoutUpdate)
 PARAM_COUNTS.setdefault(RankDropoutUpdate.structure, lambda r: r.rank * (len(r.rows) + len(r.cols)))

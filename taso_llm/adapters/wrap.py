@@ -30,7 +30,10 @@ class SparseAdapterLinear(nn.Module):
         dtype = next(self.update.parameters()).dtype
         contribution, out_index = self.update(x.to(dtype))
         # In place: a linear layer does not keep its output for backward, so this saves a full-size copy of `out`
-        # per layer (autograd's version counter would refuse it loudly if some base ever did).
+        # per layer (autograd's version counter would refuse it loudly if some base ever did). An update over every
+        # output row (out_index None) adds plainly: index_add_'s backward would gather a full-size gradient copy.
+        if out_index is None:
+            return out.add_(contribution.to(out.dtype))
         return out.index_add_(-1, out_index, contribution.to(out.dtype))
 
     # Callers (PEFT helpers, generation utils, our exporters) look these up on linear layers.
