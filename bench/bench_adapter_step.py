@@ -121,19 +121,6 @@ def _loadavg() -> float | None:  # how busy the machine was: other work on these
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
-def _reset_peak_rss() -> bool:
-    """Linux: writing 5 to clear_refs resets VmHWM to the current RSS, so the next peak is training-only."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _loadavg() -> float | None:  # how busy the machine was: other work on these cores inflates wall times
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-
-
 def _sync(a) -> None:
     if a.device == "cuda":  # CUDA runs asynchronously: wait for the step before reading the clock
         torch.cuda.synchronize()

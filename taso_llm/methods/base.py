@@ -108,6 +108,41 @@ class Method:
         raise NotImplementedError(f"method={self.name} has no exact PEFT LoRA export")
 
 
+class AdapterFileMethod(Method):
+    """A method that writes the project's own adapter format (adapters/io.py: indices + values, self-contained):
+    save, load for evaluation, merge and the PEFT LoRA export are the same for every such method; `adapter_extra`
+    adds the method's own fields to adapter_config.json."""
+
+    own_adapter_format = mergeable = True
+
+    def adapter_extra(self, shared, own) -> dict:
+        return {}
+
+    def save(self, model: nn.Module, output_dir: Path, shared, own, model_id: str, state: dict) -> None:
+        from ..adapters.io import save_adapter
+
+        save_adapter(model, output_dir, base_model=model_id, state=state,
+                     extra={"method": self.name, "target_modules": list(shared.target_modules),
+                            **self.adapter_extra(shared, own)})
+
+    def load_for_eval(self, run_dir: Path, load_base: Callable[..., nn.Module]) -> nn.Module:
+        from ..adapters.io import load_adapter
+
+        return load_adapter(load_base(), run_dir)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        from ..adapters.export import merge_adapters
+
+        return merge_adapters(model)
+
+    def export_peft(self, model: nn.Module, output_dir: Path, model_id: str) -> dict:
+        if not self.exports_peft_lora:
+            return super().export_peft(model, output_dir, model_id)
+        from ..adapters.export import export_peft_lora
+
+        return export_peft_lora(model, output_dir, model_id)
+
+
 def rank1_reference(model: nn.Module, target_modules) -> int:
     """Parameters of a rank-1 LoRA on the target modules: the budget every method is compared against."""
     return sum(lora_params(layer_shape(m)) for m in find_targets(model, target_modules).values())

@@ -17,12 +17,10 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..adapters import attach_updates, iter_adapters
-from ..adapters.export import export_peft_lora, merge_adapters
-from ..adapters.io import load_adapter, save_adapter
 from ..adapters.rank_dropout import MODES, RankDropout, full_region
 from ..sparse.regions import lora_params
 from ..targets import find_targets, layer_shape
-from .base import Method, Report, RunContext
+from .base import AdapterFileMethod, Report, RunContext
 
 log = logging.getLogger("taso_llm")
 
@@ -65,10 +63,10 @@ def _schedules(model: nn.Module) -> list[RankDropout]:
     return list(found.values())
 
 
-class DropLoraMethod(Method):
+class DropLoraMethod(AdapterFileMethod):
     name = "droplora"
     args_class = DropLoraArguments
-    own_adapter_format = exports_peft_lora = mergeable = True
+    exports_peft_lora = True
 
     def validate(self, shared, own: DropLoraArguments, shapes, model_args=None) -> None:
         super().validate(shared, own, shapes, model_args)
@@ -111,16 +109,5 @@ class DropLoraMethod(Method):
     def callbacks(self, model: nn.Module, shared, own) -> list:
         return [RankDropoutCallback(s) for s in _schedules(model)]
 
-    def save(self, model, output_dir, shared, own: DropLoraArguments, model_id, state) -> None:
-        save_adapter(model, output_dir, base_model=model_id, state=state,
-                     extra={"method": self.name, "target_modules": list(shared.target_modules),
-                            "droplora": dict(vars(own))})
-
-    def load_for_eval(self, run_dir, load_base):
-        return load_adapter(load_base(), run_dir)
-
-    def merge(self, model):
-        return merge_adapters(model)
-
-    def export_peft(self, model, output_dir, model_id):
-        return export_peft_lora(model, output_dir, model_id)
+    def adapter_extra(self, shared, own: DropLoraArguments) -> dict:
+        return {"droplora": dict(vars(own))}

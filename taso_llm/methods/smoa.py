@@ -20,15 +20,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..adapters import attach_updates
-from ..adapters.export import merge_adapters
-from ..adapters.io import load_adapter, save_adapter
 from ..distributed.backend import Backend
 from ..outputs import pending_path
 from ..sparse.masks import check_masks_fit, load_masks, save_masks
 from ..sparse.regions import lora_params
 from ..sparse.svd_order import STRUCTURE, modulated_params, select_modulated_blocks
 from ..targets import find_targets, layer_shape
-from .base import Method, Report, RunContext
+from .base import AdapterFileMethod, Report, RunContext
 from .taso import MASKS_FILE, TasoMethod
 
 log = logging.getLogger("taso_llm")
@@ -44,10 +42,9 @@ class SmoaArguments:
     smoa_alpha: float = field(default=8.0, metadata={"help": "Scale alpha of the update (alpha / r)."})
 
 
-class SmoaMethod(Method):
+class SmoaMethod(AdapterFileMethod):
     name = "smoa"
     args_class = SmoaArguments
-    own_adapter_format = mergeable = True
     # exports_peft_lora stays False: (B A) ⊙ W is not low-rank in general
 
     def validate(self, shared, own: SmoaArguments, shapes, model_args=None) -> None:
@@ -118,13 +115,5 @@ class SmoaMethod(Method):
                  report.lora_r1_params, frozen_bytes / 2**20, details["frozen_blocks"])
         return report
 
-    def save(self, model, output_dir, shared, own: SmoaArguments, model_id, state) -> None:
-        save_adapter(model, output_dir, base_model=model_id, state=state,
-                     extra={"method": self.name, "structure": STRUCTURE, "smoa_config": vars(own),
-                            "target_modules": list(shared.target_modules)})
-
-    def load_for_eval(self, run_dir, load_base):
-        return load_adapter(load_base(), run_dir)  # attach reads the frozen blocks from this base
-
-    def merge(self, model):
-        return merge_adapters(model)
+    def adapter_extra(self, shared, own: SmoaArguments) -> dict:
+        return {"structure": STRUCTURE, "smoa_config": vars(own)}  # load_adapter reads the frozen blocks from the base

@@ -23,8 +23,6 @@ import torch
 from torch import nn
 
 from ..adapters import attach_updates
-from ..adapters.export import merge_adapters
-from ..adapters.io import load_adapter, save_adapter
 from ..distributed.backend import Backend
 from ..outputs import pending_path
 from ..sparse.masks import check_masks_fit, load_masks, save_masks
@@ -32,7 +30,7 @@ from ..sparse.regions import lora_params
 from ..sparse.seeded import SeededRandomScore, generator
 from ..sparse.select import SelectionSpec, select_regions
 from ..targets import find_targets, layer_shape
-from .base import Method, Report, RunContext
+from .base import AdapterFileMethod, Report, RunContext
 from .taso import MASKS_FILE, TasoMethod
 
 log = logging.getLogger("taso_llm")
@@ -90,10 +88,9 @@ def _touched(region) -> dict:
     return {"rows": len(torch.unique(region.rows)), "cols": len(torch.unique(region.cols))}
 
 
-class SpartaMethod(Method):
+class SpartaMethod(AdapterFileMethod):
     name = "sparta"
     args_class = SpartaArguments
-    own_adapter_format = mergeable = True
     # exports_peft_lora stays False: random entries touch ~every column, so the exact LoRA (rank = distinct columns)
     # would be larger than the dense matrices. Use save_merged (merge) for inference instead.
 
@@ -153,13 +150,5 @@ class SpartaMethod(Method):
                                      "density": counts[name] / (shape[0] * shape[1]), **layers.get(name, {})}
                               for name, shape in shapes.items()})
 
-    def save(self, model, output_dir, shared, own: SpartaArguments, model_id, state) -> None:
-        save_adapter(model, output_dir, base_model=model_id, state=state,
-                     extra={"method": self.name, "budget": shared.budget, "budget_scope": shared.budget_scope,
-                            "sparta_density": own.sparta_density, "target_modules": list(shared.target_modules)})
-
-    def load_for_eval(self, run_dir, load_base):
-        return load_adapter(load_base(), run_dir)
-
-    def merge(self, model):
-        return merge_adapters(model)
+    def adapter_extra(self, shared, own: SpartaArguments) -> dict:
+        return {"budget": shared.budget, "budget_scope": shared.budget_scope, "sparta_density": own.sparta_density}

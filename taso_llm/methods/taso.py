@@ -17,8 +17,6 @@ import torch
 from torch import nn
 
 from ..adapters import attach_updates
-from ..adapters.export import export_peft_lora, merge_adapters
-from ..adapters.io import load_adapter, save_adapter
 from ..distributed.backend import Backend
 from ..outputs import pending_path
 from ..sparse.block_gradient import aligned_inits
@@ -27,7 +25,7 @@ from ..sparse.regions import STRUCTURES, lora_params, min_budget, parse_budget
 from ..sparse.select import SelectionSpec, select_regions
 from ..sparse.statistics import WeightGradSaliency
 from ..targets import find_targets, layer_shape
-from .base import Method, Report, RunContext
+from .base import AdapterFileMethod, Report, RunContext
 
 log = logging.getLogger("taso_llm")
 MASKS_FILE = "masks.safetensors"
@@ -102,10 +100,10 @@ def selection_spec(shared, own: TasoArguments) -> SelectionSpec:
                          policy=shared.budget_policy())
 
 
-class TasoMethod(Method):
+class TasoMethod(AdapterFileMethod):
     name = "taso"
     args_class = TasoArguments
-    own_adapter_format = exports_peft_lora = mergeable = needs_calibration = True
+    exports_peft_lora = needs_calibration = True
 
     def validate(self, shared, own: TasoArguments, shapes, model_args=None) -> None:
         super().validate(shared, own, shapes, model_args)
@@ -182,16 +180,5 @@ class TasoMethod(Method):
                  trainable / lora1, own.taso_structure, own.taso_adapter_rank, shared.budget_scope, multiplier)
         return report
 
-    def save(self, model, output_dir, shared, own: TasoArguments, model_id, state) -> None:
-        save_adapter(model, output_dir, base_model=model_id, state=state,
-                     extra={"method": self.name, "structure": own.taso_structure, "budget": shared.budget,
-                            "budget_scope": shared.budget_scope, "target_modules": list(shared.target_modules)})
-
-    def load_for_eval(self, run_dir, load_base):
-        return load_adapter(load_base(), run_dir)
-
-    def merge(self, model):
-        return merge_adapters(model)
-
-    def export_peft(self, model, output_dir, model_id):
-        return export_peft_lora(model, output_dir, model_id)
+    def adapter_extra(self, shared, own: TasoArguments) -> dict:
+        return {"structure": own.taso_structure, "budget": shared.budget, "budget_scope": shared.budget_scope}
