@@ -3,10 +3,11 @@ one process each on this machine (node ranks 0 and 1, one c10d rendezvous), thro
 
 - torchrun script, ZeRO-3: the masks equal the one-process run's bit for bit; only rank 0 writes adapter files,
   each once (node-local rank 0 of node 1 writes nothing).
-- SLURM script (multi_node.yaml, ZeRO-3), run without SLURM: `srun` and `scontrol` are stand-ins on PATH
-  (tests/dist/fake_slurm) and the SLURM_* variables are those of a 2-node allocation. SIGTERM to the batch script
-  (what `--signal=B:TERM@300` does at the time limit) while rank 0 is held at step 2: both ranks stop after step 3
-  with checkpoint-3, no final outputs, the job asks to be requeued. The requeued job (SLURM_RESTART_COUNT=1)
+- SLURM script (multi_node.yaml, ZeRO-3), run without SLURM: `srun`, `scancel` and `scontrol` are stand-ins on
+  PATH (tests/dist/fake_slurm; srun SIGKILLs its tasks on a SIGTERM of its own, as the real one does) and the
+  SLURM_* variables are those of a 2-node allocation. SIGTERM to the batch script (what `--signal=B:TERM@300` does
+  at the time limit) while rank 0 is held at step 2: both ranks stop after step 3 with checkpoint-3, no final
+  outputs, the job asks to be requeued. The requeued job (SLURM_RESTART_COUNT=1)
   resumes and ends with the torchrun run's adapter, bit for bit.
 - A node that dies (every process of it, SIGKILL) ends the other node's launch with a non-zero status, quickly.
 """
@@ -71,7 +72,7 @@ def _sbatch(tmp: Path, args: list[str], **env_extra) -> subprocess.Popen:
     port = _free_port()
     env = launch_env(SLURM_JOB_ID="4242", SLURM_JOB_NAME="taso-sft", SLURM_NNODES="2",
                      SLURM_JOB_NODELIST="127.0.0.1,127.0.0.1", GPUS_PER_NODE="1", MAIN_PORT=str(port),
-                     FAKE_SRUN_WAIT_PORT=str(port), FAKE_SLURM_LOG=str(tmp / "slurm.log"), RECIPE=str(OBSERVED),
+                     FAKE_SRUN_WAIT_PORT=str(port), FAKE_SLURM_DIR=str(tmp), RECIPE=str(OBSERVED),
                      TASO_PREEMPTED_FILE=str(tmp / "job.preempted"), TASO_DDP_TIMEOUT="60", **env_extra)
     env["PATH"] = f"{FAKE_SLURM}{os.pathsep}{env['PATH']}"
     return subprocess.Popen(["bash", str(ROOT / "launch" / "slurm_multinode.sbatch"), *args], cwd=ROOT, env=env,
@@ -85,7 +86,7 @@ def test_slurm_sigterm_checkpoints_requeues_and_the_requeued_job_resumes_exactly
     wait_for_file(paused, [job])
     job.send_signal(signal.SIGTERM)  # --signal=B:TERM: the batch shell only
     (output,) = finish([job])
-    assert (tmp_path / "slurm.log").read_text() == "requeue 4242\n", output[-6000:]
+    assert (tmp_path / "requeue.log").read_text() == "requeue 4242\n", output[-6000:]
     assert (tmp_path / "job.preempted").read_text().strip() == str(out / "checkpoint-3")
     assert (out / "checkpoint-3" / "trainer_state.json").is_file()
     assert not any((out / name).exists() for name in FINAL_FILES)
@@ -93,7 +94,7 @@ def test_slurm_sigterm_checkpoints_requeues_and_the_requeued_job_resumes_exactly
 
     (output,) = finish([_sbatch(tmp_path, recipe_args(out), SLURM_RESTART_COUNT="1",
                                  TASO_WRITE_LOG=str(tmp_path / "writes.log"))])
-    assert (tmp_path / "slurm.log").read_text() == "requeue 4242\n", "a finished job was requeued"
+    assert (tmp_path / "requeue.log").read_text() == "requeue 4242\n", "a finished job was requeued"
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["distributed_type"], metrics["zero_stage"], metrics["world_size"]) == ("DEEPSPEED", 3, 2)
     assert_same_masks(one_process, out)
