@@ -71,12 +71,19 @@ class Method:
     supports_4bit = True  # trains on a 4-bit (nf4) base
     supports_sharded = True  # trains under DeepSpeed ZeRO-3 / FSDP2
     needs_calibration = False  # prepare reads the calibration batches
+    uses_masks = False  # selects regions into a masks file (masks_path reuses one)
 
     def validate(self, shared, own, shapes: dict[str, tuple[int, int]], model_args=None) -> None:
         if model_args is not None and getattr(model_args, "load_in_4bit", False) and not self.supports_4bit:
             raise ValueError(f"method={self.name} cannot train a 4-bit base (load_in_4bit: true)")
         if shared.save_merged and not self.mergeable:
             raise ValueError(f"save_merged: method={self.name} has no merge step here; see docs/methods.md")
+        if shared.masks_path and not self.uses_masks:
+            raise ValueError(f"masks_path={shared.masks_path}: method={self.name} selects no masks")
+        if shared.masks_path:  # read and fitted now (indices only): a wrong file stops before the model loads
+            from ..sparse.masks import load_fitting_masks
+
+            load_fitting_masks(shared.masks_path, shapes)
 
     def prepare(self, model: nn.Module, shared, own, ctx: RunContext) -> Report:
         raise NotImplementedError

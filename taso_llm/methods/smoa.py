@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..adapters import attach_updates
 from ..distributed.backend import Backend
 from ..outputs import pending_path
-from ..sparse.masks import check_masks_fit, load_masks, save_masks
+from ..sparse.masks import load_fitting_masks, save_masks
 from ..sparse.regions import lora_params
 from ..sparse.svd_order import STRUCTURE, modulated_params, select_modulated_blocks
 from ..targets import find_targets, layer_shape
@@ -44,6 +44,7 @@ class SmoaArguments:
 
 class SmoaMethod(AdapterFileMethod):
     name = "smoa"
+    uses_masks = True
     args_class = SmoaArguments
     # exports_peft_lora stays False: (B A) ⊙ W is not low-rank in general
 
@@ -68,8 +69,7 @@ class SmoaMethod(AdapterFileMethod):
     resume_check = TasoMethod.resume_check  # a resumed run reuses the groups it chose the first time
 
     def _reused_regions(self, shared, own: SmoaArguments, shapes):
-        regions, header = load_masks(shared.masks_path)
-        check_masks_fit(regions, shapes, shared.masks_path)
+        regions, header = load_fitting_masks(shared.masks_path, shapes)
         for name, region in regions.items():
             groups = len(region.extra.get("row_offsets", ())) - 1
             if region.structure != STRUCTURE or (groups, region.rank) != (own.smoa_subspaces, own.smoa_rank):

@@ -25,7 +25,7 @@ from torch import nn
 from ..adapters import attach_updates
 from ..distributed.backend import Backend
 from ..outputs import pending_path
-from ..sparse.masks import check_masks_fit, load_masks, save_masks
+from ..sparse.masks import load_fitting_masks, save_masks
 from ..sparse.regions import lora_params
 from ..sparse.seeded import SeededRandomScore, generator
 from ..sparse.select import SelectionSpec, select_regions
@@ -90,6 +90,7 @@ def _touched(region) -> dict:
 
 class SpartaMethod(AdapterFileMethod):
     name = "sparta"
+    uses_masks = True
     args_class = SpartaArguments
     # exports_peft_lora stays False: random entries touch ~every column, so the exact LoRA (rank = distinct columns)
     # would be larger than the dense matrices. Use save_merged (merge) for inference instead.
@@ -120,8 +121,7 @@ class SpartaMethod(AdapterFileMethod):
         details: dict = {"sparta_seed": seed}
         layers: dict = {}
         if shared.masks_path:
-            regions, header = load_masks(shared.masks_path)
-            check_masks_fit(regions, shapes, shared.masks_path, unwrapped=header.get("unwrapped", ()))
+            regions, header = load_fitting_masks(shared.masks_path, shapes)
             other = sorted({r.structure for r in regions.values()} - {"entries"})
             if other:
                 raise ValueError(f"masks_path={shared.masks_path}: holds {other} regions; SpaRTA trains single "

@@ -20,7 +20,7 @@ from ..adapters import attach_updates
 from ..distributed.backend import Backend
 from ..outputs import pending_path
 from ..sparse.block_gradient import aligned_inits
-from ..sparse.masks import check_masks_fit, load_masks, save_masks
+from ..sparse.masks import load_fitting_masks, save_masks
 from ..sparse.regions import STRUCTURES, lora_params, min_budget, parse_budget
 from ..sparse.select import SelectionSpec, select_regions
 from ..sparse.statistics import WeightGradSaliency
@@ -102,6 +102,7 @@ def selection_spec(shared, own: TasoArguments) -> SelectionSpec:
 
 class TasoMethod(AdapterFileMethod):
     name = "taso"
+    uses_masks = True
     args_class = TasoArguments
     exports_peft_lora = needs_calibration = True
 
@@ -139,8 +140,7 @@ class TasoMethod(AdapterFileMethod):
         details: dict = {"importance_seconds": 0.0, "importance_batches": 0, "importance_tokens": 0}
         layers: dict = {}
         if shared.masks_path:
-            regions, header = load_masks(shared.masks_path)
-            check_masks_fit(regions, shapes, shared.masks_path, unwrapped=header.get("unwrapped", ()))
+            regions, header = load_fitting_masks(shared.masks_path, shapes)
             details["masks_reused_from"] = str(shared.masks_path)
             log.info("reusing masks from %s (model %s)", shared.masks_path, header.get("model"))
         else:

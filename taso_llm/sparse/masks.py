@@ -70,3 +70,10 @@ def check_masks_fit(regions: dict[str, Region], shapes: dict[str, tuple[int, int
         if name in regions and tuple(regions[name].shape) != tuple(shape):
             raise ValueError(f"{source}: {name} has shape {tuple(regions[name].shape)} in the masks, "
                              f"{tuple(shape)} in the model")
+
+
+def load_fitting_masks(path: str | Path, shapes: dict[str, tuple[int, int]]) -> tuple[dict[str, Region], dict]:
+    """load_masks + check_masks_fit: the regions of a masks file that fits these target shapes, and its header."""
+    regions, header = load_masks(path)
+    check_masks_fit(regions, shapes, str(path), unwrapped=header.get("unwrapped", ()))
+    return regions, header
