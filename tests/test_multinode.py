@@ -53,9 +53,8 @@ def one_process(tmp_path_factory, tiny_path):
 @pytest.fixture(scope="module")
 def torchrun_zero3(tmp_path_factory, tiny_path):
     out = tmp_path_factory.mktemp("torchrun")
-    # On CPU the recipe creates the gloo group before it parses --deepspeed, so it must be told here that the run is
-    # a DeepSpeed one (accelerate launch says so itself); with CUDA the training arguments set it all up.
-    finish(_torchrun_nodes(recipe_args(out / "run", *ZERO3), _free_port(), ACCELERATE_USE_DEEPSPEED="true",
+    # torchrun, not accelerate launch: the recipe itself sees --deepspeed and sets up a DeepSpeed state (no env hint)
+    finish(_torchrun_nodes(recipe_args(out / "run", *ZERO3), _free_port(),
                             TASO_WRITE_LOG=str(out / "writes.log")))
     return out
 

@@ -8,6 +8,7 @@ rest of the library asks where it runs: (0, 1) on one process.
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -60,8 +61,27 @@ def init_distributed() -> None:
         return
     from accelerate.utils import parse_flag_from_env
 
+    if _asks_for_deepspeed(sys.argv[1:]):
+        # accelerate launch sets this for its DeepSpeed configs; under torchrun nobody does, and the state built here
+        # would then be a plain DDP one that the DeepSpeed training arguments refuse to reuse.
+        os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
     # cpu=True only when asked for (ACCELERATE_USE_CPU / --cpu): it would switch a DeepSpeed launch to plain DDP.
     PartialState(backend="gloo", timeout=process_group_timeout(), cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def _asks_for_deepspeed(argv: list[str]) -> bool:
+    """`--deepspeed` on the command line, or a `deepspeed:` entry in the recipe YAML given with --config."""
+    if any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv):
+        return True
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        import yaml
+
+        try:
+            with open(argv[argv.index("--config") + 1]) as f:
+                return bool((yaml.safe_load(f) or {}).get("deepspeed"))
+        except OSError:
+            return False  # the parser reports a missing config file, with its name
+    return False
 
 
 def configured_state_defaults() -> dict:
