@@ -73,17 +73,21 @@ def probe_sub_skills(model_path: str, n: int = 100) -> dict:
         a, b, op = (max(a, b), min(a, b), "-") if rng.random() < 0.5 else (a, b, "+")
         facts.append((f"{a} {op} {b} =", f" {a + b if op == '+' else a - b}."))
 
-    def accuracy(cases):
-        right = 0
+    def accuracy(cases) -> tuple[float, float]:
+        """(whole continuation right, the part before its `=` right: the copied operands alone)."""
+        right = operands = 0
         for prefix, expected in cases:
             ids = torch.tensor([[tok.bos_token_id, *tok(prefix, add_special_tokens=False)["input_ids"]]])
             with torch.no_grad():
                 out = model.generate(ids, max_new_tokens=len(tok(expected)["input_ids"]) + 1, do_sample=False,
                                      pad_token_id=tok.pad_token_id)
-            right += tok.decode(out[0, ids.shape[1]:]).startswith(expected)
-        return right / len(cases)
+            text = tok.decode(out[0, ids.shape[1]:])
+            right += text.startswith(expected)
+            operands += text.startswith(expected.split("=")[0])
+        return right / len(cases), operands / len(cases)
 
-    return {"story_equation_accuracy": accuracy(story_cases), "fact_accuracy": accuracy(facts), "n": n,
+    (story, copied), (fact, _) = accuracy(story_cases), accuracy(facts)
+    return {"story_equation_accuracy": story, "story_operands_copied": copied, "fact_accuracy": fact, "n": n,
             "examples": [p + e for p, e in story_cases[:3] + facts[:3]]}
 
 
@@ -129,8 +133,9 @@ def markdown(base: dict, methods: dict, verdict: dict) -> str:
     if "sub_skills" in base:
         skills = base["sub_skills"]
         lines += ["", f"The base's own sub-skills (greedy continuation of {skills['n']} held-out pretraining-style "
-                  f"sentences each): story numbers copied into a correct equation {skills['story_equation_accuracy']:.2f}, "
-                  f"2-digit facts {skills['fact_accuracy']:.2f}."]
+                  f"texts each): a story's numbers copied into its equation {skills['story_operands_copied']:.2f}, the "
+                  f"equation also computed right {skills['story_equation_accuracy']:.2f}, 2-digit facts "
+                  f"{skills['fact_accuracy']:.2f}."]
     lines += ["", "| check | holds |", "|---|---|"] + [f"| {k} | {'yes' if v else '**no**'} |"
                                                        for k, v in verdict.items()]
     return "\n".join(lines) + "\n"
