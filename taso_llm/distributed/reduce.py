@@ -184,3 +184,19 @@ def share_object(obj_by_owner: dict, owners: dict[str, int]) -> dict:
     return {name: merged[name] for name in sorted(owners) if name in merged}
 
 
+def broadcast_from_owners(owned: dict[str, torch.Tensor], owners: dict[str, int],
+                          shapes: dict[str, tuple[int, int]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Whole per-matrix tensors (e.g. TaLoS's between-round masks) from their owners to every rank: one broadcast
+    per matrix, in name order, so a rank holds at most one foreign matrix in flight. bool travels as uint8."""
+    device = _comm_device()
+    wire = torch.uint8 if dtype == torch.bool else dtype
+    rank, _ = rank_and_world()
+    out = {}
+    for name in sorted(owners):
+        if owners[name] == rank:
+            buffer = owned[name].to(device=device, dtype=wire).contiguous()
+        else:
+            buffer = torch.empty(shapes[name], dtype=wire, device=device)
+        dist.broadcast(buffer, src=owners[name])
+        out[name] = buffer.cpu().to(dtype)
+    return out

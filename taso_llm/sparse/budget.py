@@ -122,3 +122,21 @@ def allocation_summary(allocated: dict[str, int], own_budgets: dict[str, int], m
     return {"scope": policy.scope, "rule": policy.rule, "floor": policy.floor, "cap": policy.cap,
             "total_budget": sum(own_budgets.values()), "allocated": sum(allocated.values()),
             "unwrapped": sorted(n for n, p in allocated.items() if p == 0), "by_module": by_type}
+
+
+def allocate_by_threshold(below: dict[str, int], at: dict[str, int], total: int) -> dict[str, int]:
+    """One GLOBAL threshold t over every matrix's scores (TaLoS): each matrix keeps its entries strictly below t, and
+    the entries equal to t fill what is left of `total`, matrices in name order (within a matrix, by flat index:
+    regions.choose_region's stable sort). `below`/`at` count each matrix's entries < t and == t, t being the
+    total-th smallest score overall, so Σ below < total ≤ Σ below + Σ at and the allocation sums to `total` exactly.
+    Integers and sorted names only: the same counts give the same allocation on every rank and world size."""
+    out = {n: int(below[n]) for n in sorted(below)}
+    left = total - sum(out.values())
+    if left < 0 or left > sum(at.values()):
+        raise ValueError(f"threshold allocation: {sum(out.values())} entries below and {sum(at.values())} at the "
+                         f"threshold cannot make a total of {total}")
+    for n in sorted(at):
+        take = min(int(at[n]), left)
+        out[n] += take
+        left -= take
+    return out
