@@ -122,14 +122,14 @@ def checks(base: dict, methods: dict) -> dict:
 
 def markdown(base: dict, methods: dict, verdict: dict) -> str:
     b = base["metrics"]
-    lines = ["| model | lr (grid) | exact match per seed | min–max | mean | test answer NLL (mean) |",
+    lines = ["| model | lr (grid) | exact match per seed | min–max | mean | test answer NLL per seed (mean) |",
              "|---|---|---|---|---|---|",
              f"| base (untrained) | – | {b['strict_match']:.3f} | – | {b['strict_match']:.3f} | {b['answer_nll']:.3f} |"]
     for name, m in methods.items():
         grid = ", ".join(f"{x:g}" for x in m["grid"])
         lines.append(f"| {name} | {m['lr']:g} ({grid}) | {', '.join(f'{x:.3f}' for x in m['exact_match'])} | "
                      f"{m['exact_match_min']:.3f}–{m['exact_match_max']:.3f} | {m['exact_match_mean']:.3f} | "
-                     f"{m['answer_nll_mean']:.3f} |")
+                     f"{', '.join(f'{x:.3f}' for x in m['answer_nll'])} ({m['answer_nll_mean']:.3f}) |")
     if "sub_skills" in base:
         skills = base["sub_skills"]
         lines += ["", f"The base's own sub-skills (greedy continuation of {skills['n']} held-out pretraining-style "
