@@ -230,8 +230,12 @@ def _zero3_settings(model, training_args) -> None:
     if not is_deepspeed_zero3_enabled():
         return
     if training_args.gradient_checkpointing:
-        training_args.gradient_checkpointing_kwargs = {**(training_args.gradient_checkpointing_kwargs or {}),
-                                                       "use_reentrant": True}
+        reentrant = {**(training_args.gradient_checkpointing_kwargs or {}), "use_reentrant": True}
+        training_args.gradient_checkpointing_kwargs = reentrant
+        if hasattr(training_args, "activation_checkpointing_kwargs"):
+            # transformers >= 5.2x: the Trainer reads the new name, which the old one mirrored only at __post_init__
+            # (set alone after that, it silently left non-reentrant checkpointing on)
+            training_args.activation_checkpointing_kwargs = dict(reentrant)
     model.enable_input_require_grads()
 
 

@@ -161,11 +161,12 @@ def test_4bit_base(tmp_path, tiny_path, config, engine, stage):
     ("full", "multi_gpu.yaml", "MULTI_CPU", None), ("full", "zero3.yaml", "DEEPSPEED", 3),
     ("sparta", "multi_gpu.yaml", "MULTI_CPU", None), ("sparta", "zero3.yaml", "DEEPSPEED", 3),
     ("droplora", "multi_gpu.yaml", "MULTI_CPU", None), ("droplora", "zero3.yaml", "DEEPSPEED", 3),
-    ("smoa", "multi_gpu.yaml", "MULTI_CPU", None), ("smoa", "zero3.yaml", "DEEPSPEED", 3)])
+    ("smoa", "multi_gpu.yaml", "MULTI_CPU", None), ("smoa", "zero3.yaml", "DEEPSPEED", 3),
+    ("talos", "multi_gpu.yaml", "MULTI_CPU", None), ("talos", "zero3.yaml", "DEEPSPEED", 3)])
 def test_every_baseline_trains_distributed(tmp_path, tiny_path, method, config, engine, stage):
     """The method contract under 2-process DDP and ZeRO-3 for the PEFT LoRA and full fine-tuning baselines, SpaRTA,
-    DropLoRA and SMoA (TASO has the tests above): the loss falls and the saved output, loaded in one process, reproduces
-    the trained logits."""
+    DropLoRA, SMoA and TaLoS (TASO has the tests above): the loss falls and the saved output, loaded in one process,
+    reproduces the trained logits."""
     lr = {"full": "1e-3", "droplora": "1e-2"}.get(method, "2e-2")
     metrics = _run(config, tmp_path, tiny_path, "--method", method, "--learning_rate", lr, "--lora_r", "2",
                    "--lora_target_modules", "q_proj", "v_proj", "down_proj")
