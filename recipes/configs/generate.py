@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TASKS = ("instruct", "math", "code")
-METHODS = ("taso", "qlora", "lora_r1", "sparta", "droplora", "smoa")
+METHODS = ("taso", "qlora", "lora_r1", "sparta", "droplora", "smoa", "talos")
 
 GPU_MODELS = {"llama-3.1-8b": "meta-llama/Llama-3.1-8B", "qwen2.5-7b": "Qwen/Qwen2.5-7B"}
 # Where each task is evaluated after training (recipes/evaluate.py / recipes/compare.py): not a TrlParser field, so
@@ -46,6 +46,7 @@ DROPLORA = dict(target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_p
                 droplora_alpha=64.0, droplora_p=0.5, droplora_mode="step")
 SMOA = dict(target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], smoa_rank=8, smoa_subspaces=2,
             smoa_alpha=8.0)
+TALOS = dict(talos_rounds=4, talos_damping=0.1)
 GPU_METHODS = {
     # TASO: rank-1 budget per matrix, rank-4 block; sqrt LR scaling multiplies learning_rate (≈ x2 for lora_block r=4).
     "taso": dict(method="taso", target_modules=PROJECTIONS, budget="rank1", budget_scope="matrix",
@@ -63,6 +64,9 @@ GPU_METHODS = {
     # SMoA as its authors ran it: K=2, r=8, alpha=8, lr 1e-3 on q, k, v, up, down: (r/K)(d_in + d_out) params per
     # matrix (a rank-4 LoRA's count); the frozen diagonal blocks hold about half of those weights again.
     "smoa": dict(method="smoa", **SMOA, learning_rate=1.0e-3),
+    # TaLoS: 1% of the projections' weights (the lowest sampled-label Fisher, 4 rounds, damping 0.1); density, LR ours.
+    "talos": dict(method="talos", target_modules=PROJECTIONS, **TALOS, talos_density=0.01, calibration_samples=256,
+                  calibration_batch_size=4, learning_rate=1.0e-4),
 }
 GPU_TASK_METHODS = {("math", "droplora"): dict(droplora_r=64, droplora_alpha=128.0)}  # per task, over GPU_METHODS
 TINY_METHODS = {
@@ -75,6 +79,10 @@ TINY_METHODS = {
     "sparta": dict(method="sparta", **SPARTA, learning_rate=1.0e-2),
     "droplora": dict(method="droplora", **DROPLORA, learning_rate=1.0e-3),
     "smoa": dict(method="smoa", **SMOA, learning_rate=3.0e-2),  # ΔW = (B A) ⊙ W: small random weights, larger LR
+    # The rank-1 budget (2.5% of the tiny weights, the least sensitive ones) moved nothing measurable in 100 CPU steps;
+    # 20% does (tests/test_task_arithmetic.py).
+    "talos": dict(method="talos", **TALOS, talos_density=0.2, calibration_samples=128, calibration_batch_size=16,
+                  learning_rate=3.0e-3),
     # Reference only (every weight trainable): the proxy comparison's upper line; no GPU recipe (needs ZeRO-3).
     "full": dict(method="full", learning_rate=3.0e-4),
 }

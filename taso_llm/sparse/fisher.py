@@ -61,7 +61,7 @@ def batch_seed(seed: int, round_index: int, batch_index: int) -> int:
 
 
 class _FisherCollector:
-    """Hooks on one linear layer: damps its frozen entries in the forward, adds Σ_e G_e² when the output grad arrives."""
+    """Hooks on one linear layer: damps its frozen entries in forward; adds Σ_e G_e² when its output grad arrives."""
 
     def __init__(self, module: nn.Module, weight_fn: Callable[[nn.Module], torch.Tensor],
                  frozen: torch.Tensor | None, damping: float):

@@ -47,9 +47,11 @@ def main():
     model = load_model(a.engine, path, world)
     targets = find_targets(model, DEFAULT_TARGETS)
     keep = sum(lora_params(layer_shape(m)) for m in targets.values())
-    batches = lambda: calibration_batches(data, collate_fn(tokenizer.pad_token_id), SAMPLES, BATCH, rank, world)  # noqa: E731
-    selection = select_low_sensitivity(model, targets, keep, batches, num_calibration_batches(len(data), SAMPLES, BATCH),
-                                       Backend.for_model(model), seed=11, show_progress=False)
+    collate = collate_fn(tokenizer.pad_token_id)
+    batches = lambda: calibration_batches(data, collate, SAMPLES, BATCH, rank, world)  # noqa: E731  (one per round)
+    selection = select_low_sensitivity(model, targets, keep, batches,
+                                       num_calibration_batches(len(data), SAMPLES, BATCH), Backend.for_model(model),
+                                       seed=11, show_progress=False)
     if rank == 0:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
