@@ -18,8 +18,9 @@ The YAML config (recipes/configs/task_arithmetic/*.yaml; docs/task_arithmetic.md
     tasks:
       upper:
         run: outputs/upper-talos         # a training output directory
-        kind: instruct                   # accuracy: math (strict exact match of `#### N`), code (pass@1), instruct
-                                         # (the one correct response, exact match after stripping whitespace)
+        kind: instruct                   # accuracy: math (exact match; metric: strict `#### N` or flexible, the
+                                         # last number), code (pass@1), instruct (the one correct response, exact
+                                         # match after stripping whitespace)
         data: {dataset_name: data/upper.jsonl, dataset_format: prompt_completion, validation_size: 0.1}
         seed: 42                         # the run's seed: the validation split is rebuilt as training built it
         limit: 100                       # first N validation rows
@@ -54,6 +55,7 @@ class TaskSpec:
     seed: int = 42
     split: str = "validation"
     limit: int | None = None
+    metric: str = "strict"  # kind math: "strict" (`#### N`) or "flexible" (the last number, e.g. MetaMath's answers)
 
 
 @dataclass
@@ -111,6 +113,9 @@ def parse_config(values: dict, source: str = "task arithmetic config") -> TaskAr
     for name, spec in tasks.items():
         if spec.kind not in KINDS:
             raise TaskArithmeticConfigError(f"tasks.{name}.kind: expected one of {list(KINDS)}, got {spec.kind!r}")
+        if spec.metric not in (("strict", "flexible") if spec.kind == "math" else ("strict",)):
+            raise TaskArithmeticConfigError(f"tasks.{name}.metric: {spec.metric!r}; 'flexible' (last number) exists for "
+                                            "kind math only, beside the default 'strict'")
         if not isinstance(spec.data, dict) or "dataset_name" not in spec.data:
             raise TaskArithmeticConfigError(f"tasks.{name}.data: expected a mapping with dataset_name (DataArguments "
                                             "fields, as the run's recipe had them)")
@@ -170,14 +175,14 @@ def validation_rows(spec: TaskSpec):
     return rows.select(range(min(spec.limit, len(rows)))) if spec.limit else rows
 
 
-def accuracy(model, tokenizer, rows, kind: str, eval_spec: EvalSpec) -> float:
-    """The project's evaluation (taso_llm/eval): math strict exact match, code pass@1, instruct exact match of the
-    one correct response (the synthetic checker's rule, as a judge)."""
+def accuracy(model, tokenizer, rows, kind: str, eval_spec: EvalSpec, metric: str = "strict") -> float:
+    """The project's evaluation (taso_llm/eval): math exact match (strict `#### N` or flexible last number), code
+    pass@1, instruct exact match of the one correct response (the synthetic checker's rule, as a judge)."""
     from .eval import evaluate_code, evaluate_instruct, evaluate_math
 
     opts = {"batch_size": eval_spec.batch_size, "max_new_tokens": eval_spec.max_new_tokens}
     if kind == "math":
-        return evaluate_math(model, tokenizer, rows, **opts)["metrics"]["strict_match"]
+        return evaluate_math(model, tokenizer, rows, **opts)["metrics"][f"{metric}_match"]
     if kind == "code":
         return evaluate_code(model, tokenizer, rows, **opts)["metrics"]["pass@1"]
     answers = {json.dumps(p): a for p, a in zip(rows["prompt"], rows["answer"])}
@@ -228,7 +233,8 @@ def run_task_arithmetic(config: TaskArithmeticConfig) -> dict:
 
     def evaluate(coefficients: dict[str, float], tasks) -> dict[str, float]:
         model = merger.set(coefficients)
-        return {t: accuracy(model, tokenizer, rows[t], config.tasks[t].kind, config.eval) for t in tasks}
+        return {t: accuracy(model, tokenizer, rows[t], config.tasks[t].kind, config.eval, config.tasks[t].metric)
+                for t in tasks}
 
     tasks = list(config.tasks)
     base_acc = evaluate({}, tasks)

@@ -264,7 +264,7 @@ def test_masks_are_saved_and_reused(tiny_model, tiny_path, tmp_path):
 
 
 @pytest.mark.parametrize("shared_kw, own_kw, message", [
-    (dict(), dict(talos_density=0.0), "talos_density=0.0"),
+    (dict(), dict(talos_density=-0.1), "talos_density=-0.1"),
     (dict(), dict(talos_density=1.5), "talos_density=1.5"),
     (dict(), dict(talos_rounds=0), "talos_rounds=0"),
     (dict(), dict(talos_damping=2.0), "talos_damping=2.0"),

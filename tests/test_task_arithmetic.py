@@ -155,6 +155,7 @@ def _config(tmp_path, **top):
     (lambda v: v["tasks"]["a"].update(run="/nonexistent"), "tasks.a.run: /nonexistent is not a training output"),
     (lambda v: v["tasks"]["b"].update(data={"format": "x"}), "tasks.b.data: expected a mapping with dataset_name"),
     (lambda v: v["tasks"]["b"].update(limit=0), "tasks.b.limit"),
+    (lambda v: v["tasks"]["b"].update(metric="flexible"), "tasks.b.metric: 'flexible'"),
     (lambda v: v.update(addition=["a", "c"]), "addition: expected task names"),
     (lambda v: v.update(negation={"target": "a", "control": "a"}), "target and control must be different"),
     (lambda v: v.update(negation={"target": "z", "control": "a"}), "negation.target: 'z'"),

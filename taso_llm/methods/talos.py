@@ -37,10 +37,10 @@ log = logging.getLogger("taso_llm")
 
 @dataclass
 class TalosArguments:
-    talos_density: float | None = field(
-        default=None,
-        metadata={"help": "Fraction of the target matrices' weights left trainable (e.g. 0.01). Default: the shared "
-                          "`budget`'s total (rank1: a rank-1 LoRA's parameter count), spread by the global threshold."})
+    talos_density: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of the target matrices' weights left trainable (e.g. 0.01). 0 (default): the "
+                          "shared `budget`'s total (rank1: a rank-1 LoRA's parameter count), spread by the threshold."})
     talos_rounds: int = field(
         default=4, metadata={"help": "Selection rounds; the kept fraction shrinks geometrically, keep^(r/rounds)."})
     talos_damping: float = field(
@@ -53,7 +53,7 @@ class TalosArguments:
 
 def trainable_entries(shared, own: TalosArguments, shapes: dict[str, tuple[int, int]]) -> int:
     """K: `talos_density` of all target entries (at least 1), else the shared budget's total over the targets."""
-    if own.talos_density is not None:
+    if own.talos_density > 0:
         total = sum(d_out * d_in for d_out, d_in in shapes.values())
         return max(1, int(round(own.talos_density * total)))
     return sum(parse_budget(shared.budget, shape) for shape in shapes.values())
@@ -68,9 +68,9 @@ class TalosMethod(AdapterFileMethod):
 
     def validate(self, shared, own: TalosArguments, shapes, model_args=None) -> None:
         super().validate(shared, own, shapes, model_args)
-        if own.talos_density is not None and not 0.0 < own.talos_density <= 1.0:
-            raise ValueError(f"talos_density={own.talos_density}: expected a fraction in (0, 1]")
-        if own.talos_density is not None and str(shared.budget) != "rank1":
+        if not 0.0 <= own.talos_density <= 1.0:
+            raise ValueError(f"talos_density={own.talos_density}: expected a fraction in [0, 1] (0: use `budget`)")
+        if own.talos_density > 0 and str(shared.budget) != "rank1":
             raise ValueError(f"talos_density={own.talos_density} and budget={shared.budget!r} both size the update: "
                              "set one")
         if own.talos_rounds < 1:
@@ -88,6 +88,9 @@ class TalosMethod(AdapterFileMethod):
                              "weights of the target matrices")
 
     resume_check = TasoMethod.resume_check  # a resumed run reuses the masks it chose the first time
+
+    def equal_budget(self, rank: int) -> dict:
+        return {"shared": {"budget": f"rank{rank}"}, "own": {"talos_density": 0.0}}  # the total, spread by threshold
 
     def prepare(self, model: nn.Module, shared, own: TalosArguments, ctx: RunContext) -> Report:
         targets = find_targets(model, shared.target_modules)
