@@ -70,15 +70,16 @@ def _loader(tiny_path):
     return lambda path=None: AutoModelForCausalLM.from_pretrained(path or tiny_path)
 
 
-@pytest.mark.parametrize("name, own", [("talos", {}), ("taso", {}), ("sparta", {}), ("lora", {}), ("full", {})])
+@pytest.mark.parametrize("name, own", [("talos", {}), ("taso", {}), ("taso", {"taso_structure": "entries"}),
+                                       ("sparta", {}), ("smoa", {}), ("droplora", {}), ("lora", {}), ("full", {})])
 def test_task_vector_reproduces_the_trained_model(name, own, tiny_path, tmp_path):
     """θ_pre + 1·τ gives the trained model's logits, for every kind of output; 0·τ is θ_pre bitwise."""
     trained = fake_run(name, tiny_path, tmp_path / name, **own)
     vector = load_task_vector(tmp_path / name, _loader(tiny_path))
     assert vector.method == name and vector.base_model == str(tiny_path) and vector.num_nonzero() > 0
-    sparse = name in ("talos", "sparta")
+    sparse = name in ("talos", "sparta") or own.get("taso_structure") == "entries"
     assert all(isinstance(d, SparseDelta) == sparse for d in vector.deltas.values())
-    if name in ("talos", "sparta", "taso"):  # own format: τ is the update itself, exactly
+    if get_method(name).own_adapter_format:  # τ is the update itself, exactly
         for module, wrapper in iter_adapters(trained):
             delta = vector.deltas[f"{module}.weight"]
             if sparse:
