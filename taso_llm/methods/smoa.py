@@ -115,5 +115,9 @@ class SmoaMethod(AdapterFileMethod):
                  report.lora_r1_params, frozen_bytes / 2**20, details["frozen_blocks"])
         return report
 
+    def equal_budget(self, rank: int) -> dict:
+        """(r/K)(d_in + d_out) parameters per matrix: r = rank·K gives a rank-`rank` LoRA's count."""
+        return {"own": {"smoa_rank": rank * SmoaArguments().smoa_subspaces}}
+
     def adapter_extra(self, shared, own: SmoaArguments) -> dict:
         return {"structure": STRUCTURE, "smoa_config": vars(own)}  # load_adapter reads the frozen blocks from the base

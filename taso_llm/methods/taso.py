@@ -180,5 +180,10 @@ class TasoMethod(AdapterFileMethod):
                  trainable / lora1, own.taso_structure, own.taso_adapter_rank, shared.budget_scope, multiplier)
         return report
 
+    def equal_budget(self, rank: int) -> dict:
+        """budget rankK, and a block rank grown with it (4·K) so the block keeps the default's width and can spend K
+        times the rank-1 budget (a rank-4 block covering every row and column holds only 4·(d_in + d_out))."""
+        return {"shared": {"budget": f"rank{rank}"}, "own": {"taso_adapter_rank": 4 * rank}}
+
     def adapter_extra(self, shared, own: TasoArguments) -> dict:
         return {"structure": own.taso_structure, "budget": shared.budget, "budget_scope": shared.budget_scope}
