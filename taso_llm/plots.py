@@ -59,12 +59,13 @@ def _layer_index(name: str) -> int:
 
 def _plot_allocation(ax, layers: dict) -> None:
     """Trainable parameters per decoder layer × module type: where the budget went (model-wide allocation moves it)."""
-    kinds = sorted({n.rsplit(".", 1)[-1] for n in layers})
+    kinds = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in layers))  # model order: q, k, v, o, gate, up, down
     depth = sorted({_layer_index(n) for n in layers})
     grid = [[0.0] * len(kinds) for _ in depth]
     for name, layer in layers.items():
         grid[depth.index(_layer_index(name))][kinds.index(name.rsplit(".", 1)[-1])] += layer.get("params", 0)
     image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xticks(range(len(kinds)), kinds, rotation=30)
+    ax.set_yticks(range(len(depth)), [str(d) for d in depth])
     ax.set(ylabel="decoder layer", title="trainable params per layer and module")
     ax.figure.colorbar(image, ax=ax, fraction=0.046)
