@@ -209,6 +209,7 @@ def load_compare_config(path: str | Path) -> CompareConfig:
 
 def check_recipes(config: CompareConfig, root: Path) -> None:
     """Every (task, method) recipe exists and names a registered method: checked before any run starts."""
+    from taso_llm.config import MethodArguments
     from taso_llm.methods import METHODS
 
     for task in config.tasks:
@@ -217,7 +218,7 @@ def check_recipes(config: CompareConfig, root: Path) -> None:
             if not path.is_file():
                 raise CompareConfigError(f"methods.{method.name}.recipe: {path} does not exist "
                                          f"(recipes={config.recipes!r}, task={task!r})")
-            name = {**(yaml.safe_load(path.read_text()) or {}), **method.overrides}.get("method", "taso")
+            name = {**(yaml.safe_load(path.read_text()) or {}), **method.overrides}.get("method", MethodArguments.method)
             if name not in METHODS:
                 raise CompareConfigError(f"methods.{method.name}: method={name!r} is not in the registry "
                                          f"{sorted(METHODS)}")

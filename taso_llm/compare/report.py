@@ -27,8 +27,10 @@ SCORE_NAMES = {"strict_match": "strict exact match", "pass@1": "pass@1", "format
 
 
 def adapter_bytes(run_dir: Path, method: str) -> int:
-    """What one has to ship: the adapter file(s), or the whole model for full fine-tuning."""
-    pattern = "model*.safetensors" if method == "full" else "adapter_model*.safetensors"
+    """What one has to ship: the adapter file(s), or the whole model where the method trains every weight."""
+    from taso_llm.methods import get_method
+
+    pattern = "model*.safetensors" if get_method(method).trains_whole_model else "adapter_model*.safetensors"
     return sum(p.stat().st_size for p in run_dir.glob(pattern))
 
 

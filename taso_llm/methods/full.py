@@ -7,6 +7,7 @@ from .base import Method, Report, RunContext, rank1_reference
 
 class FullMethod(Method):
     name = "full"
+    trains_whole_model = True
     supports_4bit = False  # a 4-bit weight cannot take gradient steps: QLoRA (method=lora + load_in_4bit) instead
 
     def prepare(self, model, shared, own, ctx: RunContext) -> Report:
