@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from .records import build_dataclass
 
 log = logging.getLogger("taso_llm")
 KINDS = ("math", "code", "instruct")
@@ -89,17 +91,7 @@ class TaskArithmeticConfig:
 
 
 def _build(cls, values, where: str, **fixed):
-    if not isinstance(values, dict):
-        raise TaskArithmeticConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
-    known = {f.name for f in fields(cls)} - set(fixed)
-    unknown = set(values) - known
-    if unknown:
-        raise TaskArithmeticConfigError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(known)}")
-    missing = sorted(f.name for f in fields(cls) if f.name not in values and f.name not in fixed
-                     and f.default is MISSING and f.default_factory is MISSING)
-    if missing:
-        raise TaskArithmeticConfigError(f"{where}: missing field(s) {missing}")
-    return cls(**fixed, **values)
+    return build_dataclass(cls, values, where, TaskArithmeticConfigError, **fixed)
 
 
 def parse_config(values: dict, source: str = "task arithmetic config") -> TaskArithmeticConfig:

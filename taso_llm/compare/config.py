@@ -26,10 +26,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from taso_llm.records import build_dataclass
 
 TASKS = ("math", "code", "instruct")
 
@@ -116,18 +118,7 @@ class CompareConfig:
 
 
 def _build(cls, values, where: str, **fixed):
-    """cls(**values) with unknown or missing keys reported as `where.key`."""
-    if not isinstance(values, dict):
-        raise CompareConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
-    known = {f.name for f in fields(cls)} - set(fixed)
-    unknown = set(values) - known
-    if unknown:
-        raise CompareConfigError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(known)}")
-    try:
-        return cls(**fixed, **values)
-    except TypeError as err:  # a missing required field
-        missing = sorted(f.name for f in fields(cls) if f.name not in values and f.name not in fixed)
-        raise CompareConfigError(f"{where}: missing field(s) {missing} ({err})") from None
+    return build_dataclass(cls, values, where, CompareConfigError, **fixed)
 
 
 def _positive_int(value, where: str) -> None:
