@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from datetime import timedelta
 
 import torch
@@ -95,9 +96,21 @@ def configured_state_defaults() -> dict:
     return {} if PartialState._shared_state == {} else {"accelerator_config": {"use_configured_state": True}}
 
 
+# How long the main thread lets go of the GIL after the last barrier (see finish_distributed).
+GLOO_DRAIN_SECONDS = 0.5
+
+
 def finish_distributed() -> None:
-    """Barrier, then tear the process group down: ranks leaving at different moments otherwise abort at exit
-    ("terminate called without an active exception") and turn a finished run into a failed job."""
+    """Barrier, then tear the process group down, so that a finished run exits 0 on every rank.
+
+    Two ways a rank aborts at exit ("terminate called without an active exception", SIGABRT): ranks leaving at
+    different moments (hence the barrier), and gloo's worker thread freeing the last finished collectives after the
+    barrier returns. Freeing a collective that holds tensors made in Python needs the GIL; if the interpreter is
+    already finalizing, the thread is killed inside a noexcept destructor (seen in a gdb backtrace: runLoop →
+    ~AsyncBarrierWork → ~AsyncAllgatherWork → decref → take_gil → pthread_exit). Sleeping releases the GIL so the
+    worker finishes first; it needs microseconds, the margin is for loaded machines."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+        if dist.get_backend() == "gloo":
+            time.sleep(GLOO_DRAIN_SECONDS)
         dist.destroy_process_group()

@@ -45,8 +45,9 @@ def main(out: Path) -> None:
         record["masks"].append({name: m.clone() for (name, _), m in callback.schedule._masks.items()})
         callback.on_step_end(None, SimpleNamespace(global_step=step + 1), None)
     torch.save(record, out / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    from taso_llm.distributed import finish_distributed
+
+    finish_distributed()  # barrier, let gloo drain, tear down
 
 
 if __name__ == "__main__":

@@ -139,9 +139,9 @@ def main():
             (out / "report.json").write_text(json.dumps(report))
     if a.then_train:
         train_one_step(model, regions, collate_fn(tokenizer.pad_token_id)([data[i] for i in range(4)]))
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    from taso_llm.distributed import finish_distributed
+
+    finish_distributed()  # barrier, let gloo drain, tear down
 
 
 def train_one_step(model, regions, batch):

@@ -57,9 +57,9 @@ def main():
     (out / f"report{rank}.json").write_text(json.dumps({"layers": layers, **report}))
     if rank == 0:
         save_masks(out / "masks.safetensors", regions, "taso-tiny")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    from taso_llm.distributed import finish_distributed
+
+    finish_distributed()  # barrier, let gloo drain, tear down
 
 
 if __name__ == "__main__":

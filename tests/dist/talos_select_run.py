@@ -57,9 +57,9 @@ def main():
         out.mkdir(parents=True, exist_ok=True)
         save_masks(out / "masks.safetensors", selection.regions, "taso-tiny")
         (out / "report.json").write_text(json.dumps(selection.report))
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    from taso_llm.distributed import finish_distributed
+
+    finish_distributed()  # barrier, let gloo drain, tear down
 
 
 if __name__ == "__main__":
