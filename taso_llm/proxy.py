@@ -128,11 +128,25 @@ def task_rows(task: str, n: int, seed: int) -> list[dict]:
     return getattr(synthetic, GENERATORS[task][0])(n, seed)
 
 
-def write_task_data(path: str | os.PathLike, task: str, n: int, seed: int) -> Path:
+def write_task_data(path: str | os.PathLike, task: str, n: int, seed: int,
+                    exclude: str | os.PathLike | None = None) -> Path:
     """Generated rows of `task` as JSONL (our row schema; loads with dataset_format prompt_completion), atomically.
 
-    Train and test files differ by seed only. Math questions almost never repeat; code and instruct prompts come from
-    a few dozen templates, so their test prompts also occur in training (the test then measures how reliably a
-    method learned them, not generalisation)."""
-    write_text(path, "".join(json.dumps(r) + "\n" for r in task_rows(task, n, seed)))
+    Train and test files differ by seed only. `exclude` (a JSONL file, the training rows): rows equal to one of its
+    rows are skipped and the generator's next rows fill their place, so a test row never repeats a training row (math
+    questions on small numbers do, now and then). Code and instruct prompts come from a few dozen templates, so their
+    test prompts still occur in training with other test values (the test then measures how reliably a method learned
+    them, not generalisation)."""
+    seen = set()
+    if exclude is not None:
+        seen = {json.dumps(json.loads(line), sort_keys=True) for line in Path(exclude).read_text().splitlines()}
+    want = n
+    while True:  # generators are prefix-stable in n: asking for more rows only appends
+        rows = [r for r in task_rows(task, want, seed) if json.dumps(r, sort_keys=True) not in seen]
+        if len(rows) >= n or want >= 8 * n:
+            break
+        want *= 2
+    if len(rows) < n:
+        raise ValueError(f"task={task!r} seed={seed}: only {len(rows)} of {want} generated rows differ from {exclude}")
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows[:n]))
     return Path(path)

@@ -153,7 +153,9 @@ def tiny_model_path(seed: int = 0, **overrides) -> Path:
 
 # ----------------------------------------------------------------------------------------------- the proxy's identity
 PROXY_MODEL_ID = "taso-proxy"
-PROXY_VERSION = 2  # 2: pretraining text of sub-skills only (no Q/A layout, no composed word problems); digits split
+# 3: facts and word problems inside one table (sums <= 30), 2000 steps; 2: pretraining text of sub-skills only (no Q/A layout,
+# no composed word problems); digits split
+PROXY_VERSION = 3
 # ~5M parameters: the size at which a base pretrained for ~20 minutes on 2 CPU cores already copies a sentence's numbers
 # into an equation and knows 2-digit facts, so that fine-tuning has sub-skills to compose (docs/comparison.md).
 PROXY_CONFIG = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=8,
@@ -161,7 +163,7 @@ PROXY_CONFIG = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6,
                     tie_word_embeddings=False)
 # Steps, not minutes, define the model (reproducible); taso_llm.proxy.pretrain's `max_minutes` only stops a run on a
 # slow machine early (then its pretrain_log.json says so).
-PROXY_PRETRAIN = dict(steps=1000, batch_size=16, seq_len=128, lr=3e-3, warmup=40, weight_decay=0.01, n_docs=40000,
+PROXY_PRETRAIN = dict(steps=2000, batch_size=16, seq_len=128, lr=3e-3, warmup=40, weight_decay=0.01, n_docs=40000,
                       seed=0)
 
 

@@ -176,6 +176,22 @@ def test_generated_task_files_are_deterministic(tmp_path):
         write_task_data(tmp_path / "c.jsonl", "poetry", 5, seed=3)
 
 
+def test_generated_test_rows_never_repeat_a_training_row(tmp_path):
+    """Composed math on small numbers repeats now and then across seeds; the test file skips those rows and the
+    generator's next rows take their place (same count, same order otherwise)."""
+    from taso_llm.proxy import task_rows, write_task_data
+
+    train = write_task_data(tmp_path / "train.jsonl", "math_composed", 2000, seed=1)
+    plain = task_rows("math_composed", 200, seed=2)
+    seen = {json.dumps(json.loads(line), sort_keys=True) for line in train.read_text().splitlines()}
+    repeats = [r for r in plain if json.dumps(r, sort_keys=True) in seen]
+    assert repeats, "the seeds chosen here must collide, or this test checks nothing"
+    test = write_task_data(tmp_path / "test.jsonl", "math_composed", 200, seed=2, exclude=train)
+    rows = [json.loads(line) for line in test.read_text().splitlines()]
+    assert len(rows) == 200 and not any(json.dumps(r, sort_keys=True) in seen for r in rows)
+    assert rows[:len(plain) - len(repeats)] == [r for r in plain if r not in repeats]
+
+
 def test_tiny_imports_nothing_of_the_package():
     """proxy.py builds on tiny.py (identity, tokenizer, cache dir), never the reverse: no import cycle."""
     import ast

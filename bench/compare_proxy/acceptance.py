@@ -59,7 +59,7 @@ def probe_sub_skills(model_path: str, n: int = 100) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from taso_llm.data.synthetic import _story_sentence
+    from taso_llm.data.synthetic import _story_sentence, arithmetic_fact
 
     model, tok = AutoModelForCausalLM.from_pretrained(model_path), AutoTokenizer.from_pretrained(model_path)
     rng = random.Random("probe-sub-skills")
@@ -69,9 +69,8 @@ def probe_sub_skills(model_path: str, n: int = 100) -> dict:
     story_cases = [(s[:cut], s[cut:]) for s, cut in zip(stories, cuts)]
     facts = []
     for _ in range(n):
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
-        a, b, op = (max(a, b), min(a, b), "-") if rng.random() < 0.5 else (a, b, "+")
-        facts.append((f"{a} {op} {b} =", f" {a + b if op == '+' else a - b}."))
+        a, op, b, result = arithmetic_fact(rng)
+        facts.append((f"{a} {op} {b} =", f" {result}."))
 
     def accuracy(cases) -> tuple[float, float]:
         """(whole continuation right, the part before its `=` right: the copied operands alone)."""

@@ -63,13 +63,17 @@ def data_file(config: CompareConfig, task: str, which: str) -> Path:
 
 
 def prepare_data(config: CompareConfig) -> None:
-    """Write the generated train/test files (deterministic in their seed, so rewriting is harmless)."""
+    """Write the generated train/test files (deterministic in their seeds, so rewriting is harmless); a generated
+    test set leaves out rows equal to a generated training row."""
     from taso_llm.proxy import write_task_data
 
     for name, task in config.tasks.items():
         for which, spec in (("train", task.train), ("test", task.test)):
-            if spec is not None and spec.generate is not None and not data_file(config, name, which).is_file():
-                write_task_data(data_file(config, name, which), spec.generator or name, spec.generate, spec.seed)
+            if spec is None or spec.generate is None or data_file(config, name, which).is_file():
+                continue
+            train_file = data_file(config, name, "train")
+            exclude = train_file if which == "test" and train_file.is_file() else None
+            write_task_data(data_file(config, name, which), spec.generator or name, spec.generate, spec.seed, exclude)
 
 
 def data_overrides(config: CompareConfig, task: str) -> dict:

@@ -81,13 +81,13 @@ def math_word_problems(n: int, seed: int, steps: tuple[int, int] = (1, 3)) -> li
 # Compositions of the pretraining sub-skills (one-step stories copied into an equation, 2-digit facts, chains) that
 # pretraining never shows: two steps on one count, "how many more than" (a difference of two people's counts), and
 # "k more than ... together". Each template returns (question, equation lines, answer); the solution is the equations,
-# one per line, then `#### answer`.
+# one per line, then `#### answer`. Every equation stays inside the fact table the base learns (FACT_MAX).
 def _composed_two_changes(rng, name, pronoun, other, item):
-    start = rng.randint(10, 60)
+    start = rng.randint(5, 10)
     lines, total, sentences = [], start, []
     for _ in range(2):
         if rng.random() < 0.5 or total < 12:
-            k = rng.randint(2, 30)
+            k = rng.randint(2, 10)
             sentences.append(f"{pronoun} {rng.choice(['buys', 'finds'])} {k} more.")
             lines.append(f"{total} + {k} = {total + k}")
             total += k
@@ -102,14 +102,14 @@ def _composed_two_changes(rng, name, pronoun, other, item):
 
 
 def _composed_how_many_more(rng, name, pronoun, other, item):
-    b = rng.randint(5, 60)
-    a = b + rng.randint(2, 40)
+    b = rng.randint(2, 15)
+    a = b + rng.randint(2, 15)
     question = f"{name} has {a} {item}. {other} has {b} {item}. How many more {item} does {name} have than {other}?"
     return question, [f"{a} - {b} = {a - b}"], a - b
 
 
 def _composed_more_than_together(rng, name, pronoun, other, item):
-    a, k = rng.randint(5, 50), rng.randint(2, 30)
+    a, k = rng.randint(3, 10), rng.randint(2, 10)
     question = (f"{name} has {a} {item}. {other} has {k} more {item} than {name}. "
                 f"How many {item} do they have together?")
     return question, [f"{a} + {k} = {a + k}", f"{a} + {a + k} = {a + a + k}"], a + a + k
@@ -273,16 +273,27 @@ def check_instruct(row: dict, response: str) -> bool:
 # but never their layout (no chat turns, no `####` answers) nor the math compositions (composed_word_problems): the
 # base must already read numbers out of a sentence, know 2-digit facts and carry a result into the next equation, so
 # that fine-tuning has something to compose, and how well a method composes it is what the comparison measures.
+#
+# The fact table is every a + b = c and c - a = b with 0 <= a, b and c <= FACT_MAX: ~500 facts per operation, few
+# enough that a 5M-parameter model sees each one dozens of times in pretraining. With sums up to 99 + 99 it knew 7% of
+# them after 1000 steps, with c <= 70 9%, and every method's exact match was capped by that, not by how well it
+# composed. Stories, chains and the composed task stay inside the table.
 ARITHMETIC = {"+": operator.add, "-": operator.sub}
+FACT_MAX = 30
+
+
+def arithmetic_fact(rng) -> tuple[int, str, int, int]:
+    """(a, op, b, result) drawn uniformly over the fact table: result c of a sum, or the minuend of a difference."""
+    c = rng.randint(0, FACT_MAX)
+    a = rng.randint(0, c)
+    return (a, "+", c - a, c) if rng.random() < 0.5 else (c, "-", a, c - a)
 
 
 def _doc_arithmetic(rng):
     lines = []
     for _ in range(rng.randint(6, 10)):
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        op = rng.choice("+-")
-        a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)  # facts stay non-negative, like the word problems
-        lines.append(f"{a} {op} {b} = {ARITHMETIC[op](a, b)}.")
+        a, op, b, result = arithmetic_fact(rng)
+        lines.append(f"{a} {op} {b} = {result}.")
     return "\n".join(lines)
 
 
@@ -293,15 +304,15 @@ def _doc_copy(rng):
 def _story_sentence(rng):
     """One event copied into its equation: a change to one count, or two people's counts added."""
     (name, pronoun), (other, _) = rng.sample(NAMES, 2)
-    item, a = rng.choice(ITEMS), rng.randint(10, 70)
+    item, a = rng.choice(ITEMS), rng.randint(5, 20)
     kind = rng.randrange(3)
     if kind == 0:
-        k = rng.randint(2, 30)
+        k = rng.randint(2, 10)
         return f"{name} has {a} {item}. {pronoun} {rng.choice(['buys', 'finds'])} {k} more, so {a} + {k} = {a + k}."
     if kind == 1:
         k = rng.randint(2, a - 2)
         return f"{name} has {a} {item}. {pronoun} gives {k} away, so {a} - {k} = {a - k}."
-    b = rng.randint(5, 60)
+    b = rng.randint(2, 10)
     return f"{name} has {a} {item} and {other} has {b} {item}. Together they have {a} + {b} = {a + b} {item}."
 
 
@@ -311,11 +322,11 @@ def _doc_stories(rng):
 
 def _doc_chain(rng):
     """A running total: each equation starts from the previous result (carrying a number forward)."""
-    total = rng.randint(10, 60)
+    total = rng.randint(5, 20)
     parts = [f"Start with {total}."]
     for _ in range(rng.randint(2, 4)):
-        if rng.random() < 0.5 or total < 12:
-            k = rng.randint(2, 30)
+        if (rng.random() < 0.5 or total < 12) and total <= FACT_MAX - 10:
+            k = rng.randint(2, 10)
             parts.append(f"Add {k}: {total} + {k} = {total + k}.")
             total += k
         else:
@@ -336,8 +347,8 @@ def _doc_format(rng):
 
 
 # (document kind, share of the documents): mostly the math sub-skills, which need the most data to become reliable.
-PRETRAINING_DOCS = [(_doc_arithmetic, 0.25), (_doc_copy, 0.05), (_doc_stories, 0.25), (_doc_chain, 0.15),
-                    (_doc_code, 0.22), (_doc_format, 0.08)]
+PRETRAINING_DOCS = [(_doc_arithmetic, 0.40), (_doc_copy, 0.04), (_doc_stories, 0.18), (_doc_chain, 0.15),
+                    (_doc_code, 0.16), (_doc_format, 0.07)]
 
 
 def pretraining_text(n_docs: int, seed: int) -> list[str]:
