@@ -39,7 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_variants import (BF16_PEAK, Variant, build_base, build_variant, flops_per_token, make_batch,  # noqa: E402
                            train_step, trainable_params)
 
-DEFAULT_VARIANTS = ("floor", "taso@r1", "taso@r1/autograd", "lora@r1", "lora@r16", "taso@r16")
+# every method at the rank-1 budget, TASO and LoRA at r=16's, the fused-vs-autograd and compiled side-by-sides
+DEFAULT_VARIANTS = ("floor", "taso@r1", "taso@r1/autograd", "lora@r1", "lora@r16", "taso@r16", "sparta@r1",
+                    "sparta@r1/autograd", "talos@r1", "droplora@r1", "smoa@r1", "taso@r1+compile", "lora@r1+compile")
 RESULT_MARK = "BENCH_RESULT "  # prefix of the one stdout line a child hands back to the parent
 ROOT = Path(__file__).resolve().parent
 # Targets of the performance issue, checked on the measured numbers (never asserted in tests).
@@ -128,10 +130,19 @@ def _sync(a) -> None:
 
 def measure_variant(v: Variant, a, seq: int, warmup: int = 1, steps: int | None = None) -> dict:
     """Build one variant alone, run warmup + steps; memory after build and at the training peak (and the times)."""
-    steps = a.mem_steps if steps is None else steps
     torch.set_num_threads(a.threads)
     model, opt, report = build_variant(v, a)
     batch = make_batch(a, a.batch, seq, seed=1)
+    times, mem = measure_run(a, lambda: train_step(model, opt, batch), warmup, a.mem_steps if steps is None else steps)
+    return {"variant": v.label, "trainable_params": trainable_params(model), "method_report": report,
+            "step_seconds": times, "median_step_seconds": statistics.median(times), "memory": mem,
+            "loadavg_1m_after": _loadavg()}
+
+
+def measure_run(a, run, warmup: int, steps: int) -> tuple[list[float], dict]:
+    """Call `run` warmup + steps times in this process, with whatever it needs already built: the step times, and
+    memory when it started (`built_mb`) and at its peak since then (`train_peak_mb`; on CPU the peak RSS after a
+    high-water-mark reset, on CUDA the allocator peak). Every memory figure of the benches is taken this way."""
     gc.collect()
     mem: dict = {}
     if a.device == "cuda":
@@ -144,7 +155,7 @@ def measure_variant(v: Variant, a, seq: int, warmup: int = 1, steps: int | None 
     for i in range(warmup + steps):
         _sync(a)
         t0 = time.perf_counter()
-        train_step(model, opt, batch)
+        run()
         _sync(a)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -156,9 +167,7 @@ def measure_variant(v: Variant, a, seq: int, warmup: int = 1, steps: int | None 
         since_build = (_status_kb("VmHWM") or 0) * 1024 if mem["peak_reset"] else lifetime
         mem.update(kind="cpu_rss", peak_mb=lifetime / 2**20, train_peak_mb=since_build / 2**20)
     mem.update(built_mb=built / 2**20, delta_train_mb=mem["train_peak_mb"] - built / 2**20)
-    return {"variant": v.label, "trainable_params": trainable_params(model), "method_report": report,
-            "step_seconds": times, "median_step_seconds": statistics.median(times), "memory": mem,
-            "loadavg_1m_after": _loadavg()}
+    return times, mem
 
 
 def child_argv(a, label: str, seq: int) -> list[str]:

@@ -16,6 +16,8 @@ counts the float64 row/col statistics a rank kept: with 2 ranks its batches Ã— Î
 (kept per batch for the exact ordered reduction), on one process a single running sum.
 
   python bench/bench_importance.py            # writes bench/results/importance_cpu.json and prints a table
+  python bench/bench_importance.py --epoch-share --threads 1   # importance vs a training step per token, and the
+                                              # 8B/7B recipes' epoch shares (bench/importance_share.py)
 """
 
 from __future__ import annotations
@@ -155,6 +157,10 @@ def recipe_epoch_share(work: Path) -> dict:
 
 
 def main():
+    if "--epoch-share" in sys.argv:  # its own arguments: bench/importance_share.py
+        import importance_share
+
+        return importance_share.main([x for x in sys.argv[1:] if x != "--epoch-share"])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", choices=ENGINES)
     p.add_argument("--model_dir")
