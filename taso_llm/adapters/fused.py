@@ -24,6 +24,8 @@ one thread), and for SpaRTA's ~d_in + d_out scattered entries per matrix those g
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -31,13 +33,17 @@ class GradSlot:
     """Carries the update's input gradient at the core columns from its backward to the identity in front of the
     base. `wanted` is False when x needs no gradient (then nothing is computed)."""
 
-    __slots__ = ("cols", "grad", "wanted")
+    __slots__ = ("cols", "grad", "full", "wanted")
 
     def __init__(self, cols: torch.Tensor, wanted: bool):
-        self.cols, self.grad, self.wanted = cols, None, wanted
+        self.cols, self.grad, self.full, self.wanted = cols, None, None, wanted
 
     def put(self, grad_cols: torch.Tensor) -> None:
         self.grad = grad_cols if self.grad is None else self.grad + grad_cols
+
+    def put_full(self, grad: torch.Tensor) -> None:
+        """A gradient over all input features (2-D, tokens × d_in): the CSR entries path (EntriesCsrFn)."""
+        self.full = grad if self.full is None else self.full + grad
 
 
 class InjectInputGrad(torch.autograd.Function):
@@ -51,13 +57,18 @@ class InjectInputGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         slot = ctx.slot
-        if slot.grad is not None:
+        if slot.grad is not None or slot.full is not None:
             # The incoming gradient is the base layer's fresh input gradient (this node's only consumer): adding into
             # it in place at |C| columns is the whole point. A gradient that is itself part of a graph (double
             # backward) is left untouched.
             target = grad if not grad.requires_grad else grad.clone()
-            _index_add_last(target, slot.cols, slot.grad.to(target.dtype))
-            slot.grad = None
+            if slot.grad is not None:
+                _index_add_last(target, slot.cols, slot.grad.to(target.dtype))
+            if slot.full is not None:
+                full = slot.full.to(target.dtype)
+                (target.view(-1, target.shape[-1]) if target.is_contiguous() else target).add_(
+                    full if target.is_contiguous() else full.reshape(target.shape))
+            slot.grad = slot.full = None
             return target, None
         return grad, None
 
@@ -149,6 +160,75 @@ class EntriesFn(torch.autograd.Function):
         if ctx.slot.wanted:
             ctx.slot.put(g * values)
         return grad_out, None, None, None, grad_values, None
+
+
+class EntriesCsrFn(torch.autograd.Function):
+    """EntriesFn's update through sparse CSR products, for entries dense enough that the gathered tokens × K
+    columns cost more than the layer input itself (EntriesUpdate picks it: K ≥ 2 (d_in + d_out), on CPU).
+
+    forward  out += x ΔWᵀ, ΔW a CSR d_out × d_in matrix of the K values (rows sorted once: `csr`);
+    backward value gradient = gᵀx sampled at the K entries (torch.sparse.sampled_addmm: K dot products over tokens),
+             input gradient = g ΔW through ΔWᵀ in CSR, added whole into the base's input gradient (GradSlot.full).
+    No dense d_out × d_in tensor in either direction; saved: the layer input (tokens × d_in) instead of the
+    tokens × K gathered columns. Values and gradients are in the caller's entry order (`csr` maps between them).
+    """
+
+    @staticmethod
+    def forward(ctx, out, x, csr, values, slot: GradSlot):
+        xf = _flat(x).to(values.dtype)
+        w = _csr(csr.crow, csr.col, values.detach()[csr.by_row], csr.shape)
+        (out.view(-1, out.shape[-1]) if out.is_contiguous() else out).add_(
+            _shape_like((w @ xf.T).T.to(out.dtype), out))
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(xf, values)
+        ctx.csr, ctx.slot = csr, slot
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xf, values = ctx.saved_tensors
+        csr = ctx.csr
+        g = _flat(grad_out).to(values.dtype)
+        pattern = _csr(csr.crow, csr.col, values.new_zeros(len(csr.col)), csr.shape)
+        sampled = torch.sparse.sampled_addmm(pattern, g.T, xf, beta=0.0).values()
+        grad_values = torch.empty_like(sampled).index_copy_(0, csr.by_row, sampled)
+        if ctx.slot.wanted:
+            wt = _csr(csr.crow_t, csr.row_t, values.detach()[csr.by_col], (csr.shape[1], csr.shape[0]))
+            ctx.slot.put_full((wt @ g.T).T)
+        return grad_out, None, None, grad_values, None
+
+
+def _csr(crow, col, values, shape) -> torch.Tensor:
+    """A CSR tensor from indices CsrIndex built valid once (no per-step invariant check; torch's one-time "beta"
+    notice silenced)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+def _shape_like(src: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return src if t.is_contiguous() else src.reshape(t.shape)
+
+
+class CsrIndex:
+    """Entry (rows, cols) in CSR form, built once: `by_row` orders the entries by (row, col), `crow`/`col` index that
+    order; `by_col` orders them by (col, row) for the transpose, `crow_t`/`row_t` index it."""
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]):
+        d_out, d_in = shape
+        self.shape, self.device = (d_out, d_in), rows.device
+        self.by_row = torch.argsort(rows * d_in + cols)
+        self.col = cols[self.by_row].contiguous()
+        self.crow = _crow(rows, d_out)
+        self.by_col = torch.argsort(cols * d_out + rows)
+        self.row_t = rows[self.by_col].contiguous()
+        self.crow_t = _crow(cols, d_in)
+
+
+def _crow(index: torch.Tensor, n: int) -> torch.Tensor:
+    crow = torch.zeros(n + 1, dtype=torch.long, device=index.device)
+    crow[1:] = torch.bincount(index, minlength=n).cumsum(0)
+    return crow
 
 
 def fused_call(base, update, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..sparse.regions import Region
-from .fused import DenseBlockFn, EntriesFn, LoraBlockFn
+from .fused import CsrIndex, DenseBlockFn, EntriesCsrFn, EntriesFn, LoraBlockFn
 from .modulated import ModulatedBlocksUpdate
 
 
@@ -103,10 +103,29 @@ class EntriesUpdate(nn.Module):
         _register_indices(self, region, device)
         self.values = nn.Parameter(torch.zeros(len(region.rows), dtype=dtype, device=device))
 
+    # Entries per matrix from which the fused step goes through CSR products instead of gathering K columns, as a
+    # multiple of d_in + d_out (a rank-1 LoRA's count). Measured on CPU (1 thread, 512 tokens, fp32): at 1x the
+    # gather path is ~15% faster, at ~4x (TaLoS's concentrated entries, 12k in a 2048 x 768 matrix) the CSR path
+    # is 3-4x faster in forward and backward. CPU only: the CSR kernels were not measured on a GPU.
+    csr_from = 2.0
+
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, slot=None):
         if out is not None:
+            csr = self._csr_index()
+            if csr is not None and x.device.type == "cpu" and self.values.dtype in (torch.float32, torch.float64):
+                return EntriesCsrFn.apply(out, x, csr, self.values, slot)
             return EntriesFn.apply(out, x, self.rows, self.cols, self.values, slot)
         return x.index_select(-1, self.cols).to(self.values.dtype) * self.values, self.rows
+
+    def _csr_index(self) -> CsrIndex | None:
+        """The CSR index of the entries when they are dense enough for EntriesCsrFn (built once per device)."""
+        d_out, d_in = self.shape
+        if len(self.rows) < self.csr_from * (d_in + d_out):
+            return None
+        cached = self.__dict__.get("_csr")
+        if cached is None or cached.device != self.rows.device:
+            cached = self.__dict__["_csr"] = CsrIndex(self.rows, self.cols, (d_out, d_in))
+        return cached
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Exact as a LoRA whose rank is the number of distinct columns (A one-hot per column, B the values)."""
