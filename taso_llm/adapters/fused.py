@@ -20,6 +20,10 @@ the reference path (`update(x)` without `out`) and with an explicit dense ΔW.
 Column gathers run on 2-D (tokens × features) views: on CPU (torch 2.13) `index_select(-1, idx)` of a 3-D
 batch × seq × d tensor took ~4 ms where the same gather of its 2-D view took ~0.6 ms (2 × 256 × 768, 2816 indices,
 one thread), and for SpaRTA's ~d_in + d_out scattered entries per matrix those gathers were most of its cost.
+
+Entries dense enough that the gathered tokens × K columns outgrow the layer input (K ≥ 2 (d_in + d_out), as TaLoS's
+concentrated selection gives) go through CSR products instead (EntriesCsrFn, CPU): there the input gradient is one
+tokens × d_in tensor added whole through the slot, smaller than the tokens × K tensors the gather path would make.
 """
 
 from __future__ import annotations
