@@ -95,3 +95,20 @@ def test_csr_entries_under_activation_checkpointing_and_in_float32(reentrant):
     torch.testing.assert_close(y, y_ref)
     for got, want in zip(grads, ref):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_csr_index_follows_indices_loaded_in_place():
+    """load_state_dict copies index buffers in place: the cached CSR index must follow them."""
+    update = UPDATES["entries"](_region("entries_csr", seed=0), alpha=1.0, dtype=torch.float64)
+    other = UPDATES["entries"](_region("entries_csr", seed=1), alpha=1.0, dtype=torch.float64)
+    nn.init.normal_(other.values)
+    assert update._csr_index() is not None  # cached for the first indices
+    update.load_state_dict(other.state_dict())
+    x = torch.randn(4, 30, dtype=torch.float64)
+    out = update(x, out=torch.zeros(4, 40, dtype=torch.float64), slot=_NoGrad())
+    contribution, rows = other(x)
+    torch.testing.assert_close(out, torch.zeros(4, 40, dtype=torch.float64).index_add(-1, rows, contribution))
+
+
+class _NoGrad:  # a GradSlot stand-in when x needs no gradient
+    wanted = False

@@ -118,14 +118,15 @@ class EntriesUpdate(nn.Module):
         return x.index_select(-1, self.cols).to(self.values.dtype) * self.values, self.rows
 
     def _csr_index(self) -> CsrIndex | None:
-        """The CSR index of the entries when they are dense enough for EntriesCsrFn (built once per device)."""
+        """The CSR index of the entries when they are dense enough for EntriesCsrFn (built once per index tensors)."""
         d_out, d_in = self.shape
         if len(self.rows) < self.csr_from * (d_in + d_out):
             return None
+        key = (self.rows.device, self.rows.data_ptr(), self.rows._version, self.cols.data_ptr(), self.cols._version)
         cached = self.__dict__.get("_csr")
-        if cached is None or cached.device != self.rows.device:
-            cached = self.__dict__["_csr"] = CsrIndex(self.rows, self.cols, (d_out, d_in))
-        return cached
+        if cached is None or cached[0] != key:  # moved, replaced or loaded into (load_state_dict copies in place)
+            cached = self.__dict__["_csr"] = (key, CsrIndex(self.rows, self.cols, (d_out, d_in)))
+        return cached[1]
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Exact as a LoRA whose rank is the number of distinct columns (A one-hot per column, B the values)."""
