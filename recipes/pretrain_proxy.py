@@ -1,6 +1,6 @@
 """Pretrain (or find cached) the proxy base model used by the method comparison on CPU.
 
-    python recipes/pretrain_proxy.py                      # 1000 steps, ~25 minutes on one CPU core; prints the directory
+    python recipes/pretrain_proxy.py                      # 2000 steps, ~30 minutes on one CPU core; prints the directory
     python recipes/pretrain_proxy.py --max_minutes 40     # stop early on a slow machine (cached; its log says so)
 
 The model lands in $TASO_LLM_CACHE/taso-proxy-<hash> (default ~/.cache/taso_llm); recipes refer to it as

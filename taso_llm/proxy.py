@@ -4,7 +4,7 @@ Why: a randomly initialised model cannot tell fine-tuning methods apart (every m
 and a base that has seen the fine-tuning task itself cannot either (every method scores alike). A base pretrained
 briefly on a corpus that also held the worked word problems scored 2-4% exact match after fine-tuning with every
 method, full fine-tuning included. So the proxy is pretrained on plain text of the sub-skills only
-(`synthetic.pretraining_text`: a sentence's numbers copied into an equation, 2-digit facts, running totals, small
+(`synthetic.pretraining_text`: a sentence's numbers copied into an equation, addition/subtraction facts up to 30, running totals, small
 functions, output formats), and the math task it is fine-tuned on (`synthetic.composed_word_problems`) is a chat layout
 and compositions it never saw: two changes in a row, "how many more than", "k more than ... together". Fine-tuning has
 to compose skills the base has, and how well a method does that is what the comparison measures.

@@ -156,8 +156,8 @@ PROXY_MODEL_ID = "taso-proxy"
 # 3: facts and word problems inside one table (sums <= 30), 2000 steps; 2: pretraining text of sub-skills only (no Q/A layout,
 # no composed word problems); digits split
 PROXY_VERSION = 3
-# ~5M parameters: the size at which a base pretrained for ~20 minutes on 2 CPU cores already copies a sentence's numbers
-# into an equation and knows 2-digit facts, so that fine-tuning has sub-skills to compose (docs/comparison.md).
+# ~5M parameters: the size at which a base pretrained for ~30 minutes on one CPU core copies a sentence's numbers
+# into an equation and knows the facts up to 30 (99.5% of held-out ones), so that fine-tuning has sub-skills to compose (docs/comparison.md).
 PROXY_CONFIG = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=8,
                     num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
                     tie_word_embeddings=False)
@@ -179,7 +179,7 @@ def cached_proxy_path() -> Path:
     path = proxy_dir()
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"the pretrained proxy {path} does not exist yet; build it with "
-                                "`python recipes/pretrain_proxy.py` (about 20 minutes on 2 CPU cores)")
+                                "`python recipes/pretrain_proxy.py` (about 30 minutes on one CPU core)")
     return path
 
 

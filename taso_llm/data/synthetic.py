@@ -78,7 +78,7 @@ def math_word_problems(n: int, seed: int, steps: tuple[int, int] = (1, 3)) -> li
 
 
 # ------------------------------------------------------------------------------------------ composed math (proxy)
-# Compositions of the pretraining sub-skills (one-step stories copied into an equation, 2-digit facts, chains) that
+# Compositions of the pretraining sub-skills (one-step stories copied into an equation, facts up to FACT_MAX, chains) that
 # pretraining never shows: two steps on one count, "how many more than" (a difference of two people's counts), and
 # "k more than ... together". Each template returns (question, equation lines, answer); the solution is the equations,
 # one per line, then `#### answer`. Every equation stays inside the fact table the base learns (FACT_MAX).
@@ -271,7 +271,7 @@ def check_instruct(row: dict, response: str) -> bool:
 # ---------------------------------------------------------------------------------------------------- pretraining
 # Plain-text documents for the proxy base (taso_llm/proxy.py). They teach the sub-skills the proxy's SFT tasks compose
 # but never their layout (no chat turns, no `####` answers) nor the math compositions (composed_word_problems): the
-# base must already read numbers out of a sentence, know 2-digit facts and carry a result into the next equation, so
+# base must already read numbers out of a sentence, know the fact table and carry a result into the next equation, so
 # that fine-tuning has something to compose, and how well a method composes it is what the comparison measures.
 #
 # The fact table is every a + b = c and c - a = b with 0 <= a, b and c <= FACT_MAX: ~500 facts per operation, few
