@@ -63,6 +63,26 @@ def collate_fn(pad_id: int):
     return collate
 
 
+def setup_tiny_run(engine: str, n_rows: int):
+    """On this rank: the process group (unless single), then the cached tiny model under `engine`, its tokenizer, the
+    first n_rows tokenized SFT rows and the default target linears. Returns (rank, world, tokenizer, rows, model,
+    targets)."""
+    if engine != "single":
+        dist.init_process_group("gloo")
+    from transformers import AutoTokenizer
+
+    from taso_llm.distributed import rank_and_world
+    from taso_llm.targets import DEFAULT_TARGETS, find_targets
+    from taso_llm.tiny import tiny_model_path
+
+    rank, world = rank_and_world()
+    path = str(tiny_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    rows = tokenized_rows(tokenizer, n_rows)
+    model = load_model(engine, path, world)
+    return rank, world, tokenizer, rows, model, find_targets(model, DEFAULT_TARGETS)
+
+
 def load_model(engine: str, path: str, world: int):
     from transformers import AutoModelForCausalLM
 
@@ -99,26 +119,14 @@ def main():
                         help="afterwards attach the adapters and take one optimizer step through a fresh DeepSpeed "
                              "engine (ZeRO-3: the temporary importance engine must leave the model usable)")
     a = parser.parse_args()
-    if a.engine != "single":
-        dist.init_process_group("gloo")
-    from transformers import AutoTokenizer
-
-    from taso_llm.sparse.calibration import calibration_batches, num_calibration_batches
-    from taso_llm.distributed import Backend, rank_and_world
+    rank, world, tokenizer, data, model, targets = setup_tiny_run(a.engine, max(c[0] for c in CASES.values()))
+    from taso_llm.distributed import Backend
     from taso_llm.io import save_safetensors
     from taso_llm.methods.taso import TasoArguments
     from taso_llm.sparse.budget import BudgetPolicy
+    from taso_llm.sparse.calibration import calibration_batches, num_calibration_batches
     from taso_llm.sparse.masks import save_masks
     from taso_llm.sparse.select import SelectionSpec, select_regions
-    from taso_llm.targets import DEFAULT_TARGETS, find_targets
-    from taso_llm.tiny import tiny_model_path
-
-    rank, world = rank_and_world()
-    path = str(tiny_model_path())
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    data = tokenized_rows(tokenizer, max(c[0] for c in CASES.values()))
-    model = load_model(a.engine, path, world)
-    targets = find_targets(model, DEFAULT_TARGETS)
     for case in a.cases:
         samples, bs, structure, abs_mode, scope = CASES[case]
         own = TasoArguments(taso_structure=structure, taso_importance_abs=abs_mode)

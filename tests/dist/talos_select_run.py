@@ -15,10 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from importance_run import collate_fn, load_model, tokenized_rows  # noqa: E402
+from importance_run import collate_fn, setup_tiny_run  # noqa: E402
 
 SAMPLES, BATCH = 20, 4
 
@@ -28,24 +26,13 @@ def main():
     parser.add_argument("--engine", choices=["single", "ddp", "zero3"], required=True)
     parser.add_argument("--out", required=True)
     a = parser.parse_args()
-    if a.engine != "single":
-        dist.init_process_group("gloo")
-    from transformers import AutoTokenizer
-
-    from taso_llm.distributed import Backend, rank_and_world
+    rank, world, tokenizer, data, model, targets = setup_tiny_run(a.engine, SAMPLES)
+    from taso_llm.distributed import Backend
     from taso_llm.sparse.calibration import calibration_batches, num_calibration_batches
     from taso_llm.sparse.localize import select_low_sensitivity
     from taso_llm.sparse.masks import save_masks
     from taso_llm.sparse.regions import lora_params
-    from taso_llm.targets import DEFAULT_TARGETS, find_targets, layer_shape
-    from taso_llm.tiny import tiny_model_path
-
-    rank, world = rank_and_world()
-    path = str(tiny_model_path())
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    data = tokenized_rows(tokenizer, SAMPLES)
-    model = load_model(a.engine, path, world)
-    targets = find_targets(model, DEFAULT_TARGETS)
+    from taso_llm.targets import layer_shape
     keep = sum(lora_params(layer_shape(m)) for m in targets.values())
     collate = collate_fn(tokenizer.pad_token_id)
     batches = lambda: calibration_batches(data, collate, SAMPLES, BATCH, rank, world)  # noqa: E731  (one per round)
