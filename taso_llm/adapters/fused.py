@@ -69,9 +69,7 @@ class InjectInputGrad(torch.autograd.Function):
             if slot.grad is not None:
                 _index_add_last(target, slot.cols, slot.grad.to(target.dtype))
             if slot.full is not None:
-                full = slot.full.to(target.dtype)
-                (target.view(-1, target.shape[-1]) if target.is_contiguous() else target).add_(
-                    full if target.is_contiguous() else full.reshape(target.shape))
+                _add_2d(target, slot.full.to(target.dtype))
             slot.grad = slot.full = None
             return target, None
         return grad, None
@@ -87,6 +85,14 @@ def _index_add_last(t: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> 
         t.view(-1, t.shape[-1]).index_add_(-1, index, src)
     else:
         t.index_add_(-1, index, src.reshape(*t.shape[:-1], src.shape[-1]))
+
+
+def _add_2d(t: torch.Tensor, src: torch.Tensor) -> None:
+    """t += src in place, src 2-D (tokens × d); through t's 2-D view where it has one."""
+    if t.is_contiguous():
+        t.view(-1, t.shape[-1]).add_(src)
+    else:
+        t.add_(src.reshape(t.shape))
 
 
 def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -181,8 +187,7 @@ class EntriesCsrFn(torch.autograd.Function):
     def forward(ctx, out, x, csr, values, slot: GradSlot):
         xf = _flat(x).to(values.dtype)
         w = _csr(csr.crow, csr.col, values.detach()[csr.by_row], csr.shape)
-        (out.view(-1, out.shape[-1]) if out.is_contiguous() else out).add_(
-            _shape_like((w @ xf.T).T.to(out.dtype), out))
+        _add_2d(out, (w @ xf.T).T.to(out.dtype))
         ctx.mark_dirty(out)
         ctx.save_for_backward(xf, values)
         ctx.csr, ctx.slot = csr, slot
@@ -210,17 +215,13 @@ def _csr(crow, col, values, shape) -> torch.Tensor:
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
-def _shape_like(src: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return src if t.is_contiguous() else src.reshape(t.shape)
-
-
 class CsrIndex:
     """Entry (rows, cols) in CSR form, built once: `by_row` orders the entries by (row, col), `crow`/`col` index that
     order; `by_col` orders them by (col, row) for the transpose, `crow_t`/`row_t` index it."""
 
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]):
         d_out, d_in = shape
-        self.shape, self.device = (d_out, d_in), rows.device
+        self.shape = (d_out, d_in)
         self.by_row = torch.argsort(rows * d_in + cols)
         self.col = cols[self.by_row].contiguous()
         self.crow = _crow(rows, d_out)
