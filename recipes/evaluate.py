@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from taso_llm.eval import run_evaluation
-from taso_llm.eval.evaluate import last_user_text, select_task
+from taso_llm.eval.evaluate import completion_text, last_user_text, select_task
 from taso_llm.tiny import resolve_model_path
 
 
@@ -76,7 +76,7 @@ def fewshot_examples(train, k: int) -> list[tuple[str, str]]:
     rows = select_task(train, "math", limit=k)
     if len(rows) < k:
         raise ValueError(f"--num_fewshot {k}: the train split has only {len(rows)} math rows")
-    return [(last_user_text(r["prompt"]), r["completion"][-1]["content"]) for r in rows]
+    return [(last_user_text(r["prompt"]), completion_text(r["completion"])) for r in rows]
 
 
 def main(argv=None):

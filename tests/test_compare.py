@@ -135,6 +135,23 @@ def test_compare_end_to_end_tiny(tmp_path, tiny_path, monkeypatch):
     assert again["table"] == on_disk["table"]
 
 
+@pytest.mark.slow
+def test_plain_text_runs_are_evaluated_in_their_own_layout(tmp_path, tiny_path):
+    """prompt_format: standard in the overrides reaches evaluation: test rows are read as plain text and prompted as
+    the run trained (no chat template), not through the tokenizer's template."""
+    values = tiny_values()
+    values["methods"] = {"lora_r1": values["methods"]["lora_r1"]}
+    values["overrides"]["prompt_format"] = "standard"
+    config = parse_compare_config(values)
+    config.output_dir, config.report_dir = str(tmp_path / "runs"), str(tmp_path / "report")
+    run_comparison(config)
+    run_dir = Run("math", "lora_r1", 3e-3, 0).dir(config)
+    assert json.loads((run_dir / "eval_spec.json").read_text())["prompt_format"] == "standard"
+    records = json.loads((run_dir / "eval.json").read_text())["records"]
+    test_rows = [json.loads(line) for line in (tmp_path / "runs" / "data" / "math_test.jsonl").open()]
+    assert [r["prompt"] for r in records] == [row["prompt"][0]["content"] + "\n" for row in test_rows][:len(records)]
+
+
 def test_proxy_tokenizer_digits_and_cached_pretraining(tmp_path, monkeypatch):
     """One token per digit; the proxy is written atomically with its log, cached, and the alias names the command."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -94,3 +94,24 @@ def test_clear_errors(tiny):
         run_evaluation(model, tok, ds.filter(lambda r: r["task"] != "code"), "code")
     with pytest.raises(ValueError, match="lacks columns"):
         run_evaluation(model, tok, ds.remove_columns("answer"), "math")
+
+
+@pytest.mark.parametrize("task", ["math", "code", "instruct"])
+def test_standard_rows_are_prompted_as_trained(tiny, task):
+    """A run trained on plain-text rows (prompt_format: standard) is prompted with the row's prompt string exactly:
+    no chat template and no "Question:" frame; greedy output equals generating from that string directly."""
+    import torch
+
+    model, tok = tiny
+    rows = [{**r, "prompt": r["prompt"][0]["content"] + "\n", "completion": r["completion"][0]["content"]}
+            for r in ROWS if r["task"] == task]
+    opts = {} if task == "instruct" else {"max_new_tokens": 6}
+    result = run_evaluation(model, tok, Dataset.from_list(rows), task, batch_size=2, use_chat_template=False, **opts)
+    assert [r["prompt"] for r in result["records"]] == [r["prompt"] for r in rows]
+    if task == "instruct":
+        return
+    ids = tok(rows[0]["prompt"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert result["records"][0]["generated"] == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split(
+        "Question:")[0]

@@ -80,3 +80,25 @@ def test_truncation_and_errors(tiny):
         completion_nll(model, tok, Dataset.from_list(ROWS).select([]))
     with pytest.raises(ValueError, match="no completion tokens"):
         completion_nll(model, tok, Dataset.from_list(ROWS), max_length=5)
+
+
+def test_standard_rows_are_scored_as_trl_trains_them(tiny):
+    """Plain-text rows (prompt_format: standard): prompt, then completion + eos, no template; only the completion and
+    its eos are scored. Reference: the strings written out by hand, each row alone."""
+    model, tok = tiny
+    rows = [{"prompt": r["prompt"][0]["content"] + "\n", "completion": r["completion"][0]["content"]} for r in ROWS]
+    total, count = 0.0, 0
+    for row in rows:
+        p_ids = tok(row["prompt"])["input_ids"]
+        ids = tok(row["prompt"] + row["completion"] + "<|eot_id|>")["input_ids"]
+        assert ids[:len(p_ids)] == p_ids and "<|start_header_id|>" not in tok.decode(ids)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)
+        total -= sum(logp[t - 1, ids[t]].item() for t in range(len(p_ids), len(ids)))
+        count += len(ids) - len(p_ids)
+    result = completion_nll(model, tok, Dataset.from_list(rows), batch_size=2)
+    assert result["metrics"]["n_tokens"] == count
+    assert result["metrics"]["nll"] == pytest.approx(total / count, rel=1e-5)
+    # the same answers after the chat template's rendering of the prompt score differently: the layout is honoured
+    chat = completion_nll(model, tok, Dataset.from_list(ROWS))["metrics"]
+    assert chat["n_tokens"] == count and abs(chat["nll"] - total / count) > 1e-4

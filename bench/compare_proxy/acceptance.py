@@ -32,6 +32,7 @@ def evaluate_base(config, task: str, out: Path) -> dict:
     from trl import ModelConfig
 
     from taso_llm.compare.evaluation import load_test
+    from taso_llm.data.standard import use_conversational
     from taso_llm.compare.runs import prepare_data, test_source
     from taso_llm.eval import run_evaluation
     from taso_llm.io import write_json
@@ -40,9 +41,11 @@ def evaluate_base(config, task: str, out: Path) -> dict:
     prepare_data(config)
     model, tokenizer = load_model_and_tokenizer(ModelConfig(model_name_or_path=config.base_model, dtype="float32"))
     model.eval()
-    result = run_evaluation(model, tokenizer, load_test(asdict(test_source(config, task))), task,
+    standard = not use_conversational(config.overrides.get("prompt_format", "auto"), tokenizer)  # as the runs
+    result = run_evaluation(model, tokenizer, load_test(asdict(test_source(config, task)), standard), task,
                             limit=config.tasks[task].eval_limit, batch_size=config.eval.batch_size,
-                            max_new_tokens=config.eval.max_new_tokens, with_nll=True)
+                            max_new_tokens=config.eval.max_new_tokens, with_nll=True,
+                            use_chat_template=not standard)
     from taso_llm.tiny import resolve_model_path
 
     base = {"task": task, "metrics": result["metrics"], "records": result["records"][:10],
@@ -114,6 +117,11 @@ def checks(base: dict, methods: dict) -> dict:
         out["lora_r16_in_band"] = R16_BAND[0] <= r16["exact_match_mean"] <= R16_BAND[1]
     if r16 and r1:
         out["lora_r16_above_lora_r1_no_overlap"] = r16["exact_match_min"] > r1["exact_match_max"]
+    taso = methods.get("taso")
+    if taso and r1:  # the targets for TASO at the rank-1 budget
+        out["taso_above_lora_r1_no_overlap"] = taso["exact_match_min"] > r1["exact_match_max"]
+    if taso and r16:
+        out["taso_within_1_point_of_lora_r16"] = taso["exact_match_mean"] >= r16["exact_match_mean"] - 0.01
     out.update({f"{name}_lr_inside_grid": m["lr_interior"] for name, m in methods.items()})
     out["three_seeds"] = all(len(m["seeds"]) >= 3 for m in methods.values())
     return out

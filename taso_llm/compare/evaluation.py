@@ -43,12 +43,13 @@ def load_trained(run_dir: Path, base_model: str, model_fields: dict):
     return model, tokenizer
 
 
-def load_test(test: dict):
+def load_test(test: dict, standard: bool):
+    """The test rows in the layout training used: chat messages, or plain text (standard) rows."""
     from taso_llm.data.loading import SourceSpec, load_converted
 
     spec = SourceSpec(test["dataset_name"], test["dataset_name"], test["format"], test["split"],
                       test.get("dataset_config"), None, 1.0)
-    return load_converted(spec, test["split"], standard=False)  # chat rows, as training used
+    return load_converted(spec, test["split"], standard=standard)
 
 
 def instruct_checker(dataset):
@@ -64,17 +65,21 @@ def instruct_checker(dataset):
 
 
 def evaluate_run(spec: dict) -> dict:
+    from taso_llm.data.standard import use_conversational
     from taso_llm.eval import answer_nll, run_evaluation
     from taso_llm.eval.evaluate import select_task
 
     run_dir, task, opts = Path(spec["run_dir"]), spec["task"], spec["eval"]
     start = time.perf_counter()
     model, tokenizer = load_trained(run_dir, spec["base_model"], spec["model_fields"])
-    rows = select_task(load_test(spec["test"]), task, spec.get("limit"))
+    # the run's own resolution of prompt_format (auto: the chat template when the tokenizer has one)
+    standard = not use_conversational(spec.get("prompt_format", "auto"), tokenizer)
+    rows = select_task(load_test(spec["test"], standard), task, spec.get("limit"))
     bs = opts["batch_size"]
     if task == "instruct":
         has_answers = any(rows["answer"])
         result = run_evaluation(model, tokenizer, rows, task, batch_size=bs, max_new_tokens=opts["max_new_tokens"],
+                                use_chat_template=not standard,
                                 judge=instruct_checker(rows) if has_answers else None)
         metrics = {"answer_nll": result["metrics"]["loss"], **result["metrics"]}
         if has_answers:
@@ -83,6 +88,7 @@ def evaluate_run(spec: dict) -> dict:
     else:
         extra = {"timeout_s": opts["timeout_s"]} if task == "code" else {}
         result = run_evaluation(model, tokenizer, rows, task, batch_size=bs, max_new_tokens=opts["max_new_tokens"],
+                                use_chat_template=not standard,
                                 with_nll=True, **extra)
         metrics = dict(result["metrics"])
         score_key = "strict_match" if task == "math" else "pass@1"

@@ -109,11 +109,17 @@ def train_command(config: CompareConfig, run: Run) -> list[str]:
             *cli_args(overrides)]
 
 
-def recipe_model_fields(config: CompareConfig, run: Run) -> dict:
-    """What evaluation needs to rebuild the trained model: dtype and 4-bit settings of the run's recipe."""
+def run_fields(config: CompareConfig, run: Run) -> dict:
+    """The run's recipe fields as training sees them: the recipe YAML under the comparison's and the method's
+    overrides."""
     method = config.methods[run.method]
     recipe = yaml.safe_load(config.recipe_path(run.task, method, ROOT).read_text()) or {}
-    merged = {**recipe, **config.overrides, **method.overrides}
+    return {**recipe, **config.overrides, **method.overrides}
+
+
+def recipe_model_fields(config: CompareConfig, run: Run) -> dict:
+    """What evaluation needs to rebuild the trained model: dtype and 4-bit settings of the run's recipe."""
+    merged = run_fields(config, run)
     keys = ("dtype", "load_in_4bit", "bnb_4bit_quant_type", "use_bnb_nested_quant")
     return {k: merged[k] for k in keys if k in merged}
 
@@ -152,6 +158,7 @@ def evaluate(config: CompareConfig, run: Run) -> dict:
         return json.loads((out / EVAL).read_text())
     spec = {"run_dir": str(out), "base_model": config.base_model, "task": run.task,
             "model_fields": recipe_model_fields(config, run), "test": asdict(test_source(config, run.task)),
+            "prompt_format": run_fields(config, run).get("prompt_format", "auto"),
             "limit": config.tasks[run.task].eval_limit, "eval": asdict(config.eval)}
     write_json(out / "eval_spec.json", spec)
     cmd = [sys.executable, "-m", "taso_llm.compare.evaluation", str(out / "eval_spec.json")]

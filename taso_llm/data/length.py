@@ -17,17 +17,24 @@ POLICIES = ("truncate", "drop")
 logger = logging.getLogger("taso_llm")
 
 
-def token_lengths(row: dict, tokenizer) -> dict:
-    if isinstance(row["prompt"], str):  # standard: tokenized as TRL's SFTTrainer does, template-free
+def rendered_ids(prompt, completion, tokenizer) -> tuple[list[int], list[int]]:
+    """(prompt ids, prompt + completion ids) as the trainer sees them: standard rows (prompt and completion strings)
+    tokenized template-free with eos appended to the completion, as TRL's SFTTrainer does; conversational rows through
+    the chat template (the prompt alone with add_generation_prompt=True)."""
+    if isinstance(prompt, str):
         eos = tokenizer.eos_token
-        completion = row["completion"] if row["completion"].endswith(eos) else row["completion"] + eos
-        prompt, full = tokenizer(row["prompt"])["input_ids"], tokenizer(row["prompt"] + completion)["input_ids"]
-    else:
-        def ids(messages, add_generation_prompt):
-            return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                                 return_dict=True)["input_ids"]
+        completion = completion if completion.endswith(eos) else completion + eos
+        return tokenizer(prompt)["input_ids"], tokenizer(prompt + completion)["input_ids"]
 
-        prompt, full = ids(row["prompt"], True), ids(row["prompt"] + row["completion"], False)
+    def ids(messages, add_generation_prompt):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                             return_dict=True)["input_ids"]
+
+    return ids(prompt, True), ids(prompt + completion, False)
+
+
+def token_lengths(row: dict, tokenizer) -> dict:
+    prompt, full = rendered_ids(row["prompt"], row["completion"], tokenizer)
     # Completion-only loss masks the first len(prompt) tokens; if the prompt is not a token prefix that mask is off.
     return {"prompt_tokens": len(prompt), "total_tokens": len(full), "prefix_ok": full[:len(prompt)] == prompt}
 

@@ -29,22 +29,33 @@ def _check_columns(dataset, task: str) -> None:
         raise ValueError(f"evaluate {task}: the dataset is empty")
 
 
-def last_user_text(prompt: list[dict]) -> str:
-    """The question: the content of the last user turn (what a plain-text prompt is built from)."""
+def last_user_text(prompt) -> str:
+    """The question: the content of the last user turn (what a plain-text prompt is built from); a standard row's
+    prompt is its text already (without the newline standard rows end their prompt with)."""
+    if isinstance(prompt, str):
+        return prompt.removesuffix("\n")
     for message in reversed(prompt):
         if message["role"] == "user":
             return message["content"]
     raise ValueError(f"prompt has no user message: {prompt!r}")
 
 
+def completion_text(completion) -> str:
+    """The reference answer's text: a standard row's completion string, or the last assistant message's content."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
 def _plain_prompts(dataset, use_chat_template: bool) -> list[Prompt]:
-    """Message lists as stored, or (without the template) the user's text followed by a newline."""
+    """Message lists as stored, or (without the template) the user's text followed by a newline: a standard row's
+    prompt as trained."""
     if use_chat_template:
         return list(dataset["prompt"])
-    return [last_user_text(p) + "\n" for p in dataset["prompt"]]
+    return [p if isinstance(p, str) else last_user_text(p) + "\n" for p in dataset["prompt"]]
 
 
-def _math_prompt(prompt: list[dict], fewshot: Sequence[tuple[str, str]], use_chat_template: bool) -> Prompt:
+def _math_prompt(prompt, fewshot: Sequence[tuple[str, str]], use_chat_template: bool) -> Prompt:
+    if isinstance(prompt, str) and not fewshot:
+        return prompt  # a standard row, as trained (plain text, no "Question:" frame)
     if use_chat_template and not fewshot:
         return prompt  # as trained: keeps any system message and earlier turns
     built = build_math_prompt(last_user_text(prompt), fewshot, use_chat_template)
@@ -115,7 +126,7 @@ def evaluate_instruct(model, tokenizer, dataset, batch_size: int = 8, judge: Jud
     """
     _check_columns(dataset, "instruct")
     nll = answer_nll(model, tokenizer, dataset, batch_size=batch_size, max_length=max_length)
-    records = [{"prompt": row["prompt"], "reference": row["completion"][-1]["content"], "nll": per["nll"],
+    records = [{"prompt": row["prompt"], "reference": completion_text(row["completion"]), "nll": per["nll"],
                 "n_tokens": per["n_tokens"]} for row, per in zip(dataset, nll["per_row"])]
     metrics = {"loss": nll["metrics"]["nll"], "perplexity": nll["metrics"]["perplexity"],
                "n_tokens": nll["metrics"]["n_tokens"], "n": len(records),

@@ -1,7 +1,7 @@
 """Completion-only negative log-likelihood: how probable the reference answer is under the model.
 
-Rows are rendered with the chat template as prompt + completion; the loss covers only the completion tokens (the
-prompt rendered with add_generation_prompt=True must be a token prefix of the full rendering, as in TRL's
+Rows are rendered as training renders them (the chat template, or plain text + eos for standard rows); the loss
+covers only the completion tokens (the prompt rendered alone must be a token prefix of the full rendering, as in TRL's
 completion-only loss). The mean is token-weighted over the whole set: sum of token NLLs / number of tokens, so long
 answers count in proportion to their length (the same number the trainer's eval_loss reports).
 """
@@ -14,16 +14,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from taso_llm.data.length import rendered_ids
+
 IGNORE_INDEX = -100
 
 
-def completion_tokens(tokenizer, prompt: list[dict], completion: list[dict]) -> tuple[list[int], int]:
-    """(ids of prompt + completion, number of prompt tokens). Raises if the prompt is not a prefix."""
-    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-    full_ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=False)
+def completion_tokens(tokenizer, prompt, completion) -> tuple[list[int], int]:
+    """(ids of prompt + completion, number of prompt tokens), rendered as training renders the row (chat messages
+    through the template, plain-text rows with eos after the completion). Raises if the prompt is not a prefix."""
+    prompt_ids, full_ids = rendered_ids(prompt, completion, tokenizer)
     if full_ids[:len(prompt_ids)] != prompt_ids:
-        raise ValueError("completion NLL: the chat template's rendering of the prompt (add_generation_prompt=True) is "
-                         "not a token prefix of prompt + completion, so completion tokens cannot be located")
+        raise ValueError("completion NLL: the rendering of the prompt alone is not a token prefix of prompt + "
+                         "completion, so completion tokens cannot be located")
     return full_ids, len(prompt_ids)
 
 
