@@ -25,10 +25,11 @@ class MethodArguments:
         default="rank1",
         metadata={"help": "Sparse methods: trainable params per matrix, 'rank1' (d_in + d_out, a rank-1 LoRA's), "
                           "'rankK' (K·(d_in + d_out)), or an integer."})
-    budget_scope: str = field(
-        default="matrix",
+    budget_scope: str | None = field(
+        default=None,
         metadata={"help": "'matrix': every matrix spends its own budget; 'model': the sum of the per-matrix budgets "
-                          "is spread across matrices by importance mass (sparse/budget.py)."})
+                          "is spread across matrices by importance mass (sparse/budget.py). Default: the method's "
+                          "own (model for taso, matrix for the others)."})
     budget_allocation: str = field(
         default="proportional",
         metadata={"help": "With budget_scope=model: share of the total ∝ 'proportional' (mass) or 'sqrt' (√mass)."})
@@ -48,6 +49,13 @@ class MethodArguments:
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Replace the outputs of an earlier run in output_dir (without it, or resume_from_checkpoint, such a "
                 "directory is refused). Only the run's own files go, once the new run starts training."})
+
+    def __post_init__(self):
+        if self.budget_scope is None:  # each method names its own default (Method.default_budget_scope)
+            from .methods import METHODS, get_method
+
+            known = self.method in METHODS  # an unknown name is reported where the method is looked up
+            self.budget_scope = get_method(self.method).default_budget_scope if known else "matrix"
 
     def budget_policy(self) -> BudgetPolicy:
         return BudgetPolicy(scope=self.budget_scope, rule=self.budget_allocation, floor=float(self.budget_floor),

@@ -88,3 +88,36 @@ def test_zero_budget_matrix_is_not_wrapped_and_its_masks_still_fit(tmp_path):
     check_masks_fit(loaded, SHAPES, "m", unwrapped=header["unwrapped"])
     with pytest.raises(ValueError, match="missing"):
         check_masks_fit(loaded, SHAPES, "m")
+
+
+def test_budget_scope_defaults_to_the_methods_own():
+    """TASO spreads one model-wide budget unless told otherwise; every other method keeps each matrix's own (TaLoS,
+    SMoA and DropLoRA refuse a model scope), and an explicit value always wins, from the CLI as from code."""
+    from trl import TrlParser
+
+    from taso_llm.config import MethodArguments
+    from taso_llm.methods import METHODS, get_method
+
+    assert MethodArguments().budget_scope == "model"
+    for name in METHODS:
+        expected = "model" if name == "taso" else "matrix"
+        assert MethodArguments(method=name).budget_scope == expected == get_method(name).default_budget_scope
+    assert MethodArguments(method="taso", budget_scope="matrix").budget_scope == "matrix"
+    (parsed,) = TrlParser((MethodArguments,)).parse_args_into_dataclasses(["--method", "sparta"])
+    assert parsed.budget_scope == "matrix"
+    (parsed,) = TrlParser((MethodArguments,)).parse_args_into_dataclasses(["--budget_scope", "matrix"])
+    assert parsed.method == "taso" and parsed.budget_scope == "matrix"
+
+
+def test_model_scope_budget_too_small_for_every_matrix_is_refused_naming_it():
+    from taso_llm.config import MethodArguments
+    from taso_llm.methods.taso import TasoArguments, TasoMethod
+
+    shapes = {"a.q_proj": (32, 32), "a.k_proj": (16, 32)}
+    own = TasoArguments()  # rank-4 block: one row and one column cost 8
+    TasoMethod().validate(MethodArguments(budget="8"), own, shapes)  # 16 in all: 8 for each matrix
+    with pytest.raises(ValueError, match=r"budget='7' gives 14 params over 2 matrices \(budget_scope=model\), below "
+                                         r"the 16"):
+        TasoMethod().validate(MethodArguments(budget="7"), own, shapes)
+    # with floor 0 a matrix may go unwrapped: the total only has to afford one block
+    TasoMethod().validate(MethodArguments(budget="4", budget_floor=0.0), own, shapes)

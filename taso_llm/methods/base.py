@@ -72,6 +72,7 @@ class Method:
     supports_sharded = True  # trains under DeepSpeed ZeRO-3 / FSDP2
     needs_calibration = False  # prepare reads the calibration batches
     uses_masks = False  # selects regions into a masks file (masks_path reuses one)
+    default_budget_scope = "matrix"  # budget_scope when the run does not set one
     trains_whole_model = False  # the output is the whole model, not an adapter
 
     def validate(self, shared, own, shapes: dict[str, tuple[int, int]], model_args=None) -> None:

@@ -105,6 +105,9 @@ class TasoMethod(AdapterFileMethod):
     uses_masks = True
     args_class = TasoArguments
     exports_peft_lora = needs_calibration = True
+    # one model-wide budget spread by importance mass: on the plain-text math proxy it beat the per-matrix budget
+    # beyond seed noise at each one's own learning rate (docs/comparison.md, "TASO options")
+    default_budget_scope = "model"
 
     def validate(self, shared, own: TasoArguments, shapes, model_args=None) -> None:
         super().validate(shared, own, shapes, model_args)
@@ -118,12 +121,19 @@ class TasoMethod(AdapterFileMethod):
         if own.taso_init not in ("random", "gradient"):
             raise ValueError(f"taso_init={own.taso_init!r}: expected 'random' or 'gradient'")
         need = min_budget(own.taso_structure, own.taso_adapter_rank)
+        needs = f"that taso_structure={own.taso_structure!r} with taso_adapter_rank={own.taso_adapter_rank} needs"
+        if shared.budget_scope == "model":  # the total must give every matrix its minimum (any one, with floor 0)
+            total = sum(parse_budget(shared.budget, shape) for shape in shapes.values())
+            least = need * (len(shapes) if shared.budget_floor > 0 else 1)
+            if total < least:
+                raise ValueError(f"budget={shared.budget!r} gives {total} params over {len(shapes)} matrices "
+                                 f"(budget_scope=model), below the {least} {needs}")
+            return
         for name, shape in shapes.items():
             budget = parse_budget(shared.budget, shape)
-            if budget < need and shared.budget_scope == "matrix":
+            if budget < need:
                 raise ValueError(f"budget={shared.budget!r} gives {budget} params for {name} {shape}, below the {need} "
-                                 f"that taso_structure={own.taso_structure!r} with taso_adapter_rank="
-                                 f"{own.taso_adapter_rank} needs")
+                                 f"{needs}")
 
     def resume_check(self, shared, own, output_dir: Path) -> None:
         """A resumed run reuses the masks it chose the first time (never re-selects: the data order may differ)."""
