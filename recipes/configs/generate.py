@@ -72,7 +72,9 @@ GPU_METHODS = {
 }
 GPU_TASK_METHODS = {("math", "droplora"): dict(droplora_r=64, droplora_alpha=128.0)}  # per task, over GPU_METHODS
 TINY_METHODS = {
-    "taso": dict(method="taso", budget="rank1", budget_scope="model", calibration_samples=128,
+    # budget_scope left to the method's default (model for taso): this is also the embedded default of
+    # recipes/sft_taso.py, which users run with `--method lora|droplora|...`, and those keep their own (matrix).
+    "taso": dict(method="taso", budget="rank1", calibration_samples=128,
                  calibration_batch_size=16, taso_structure="lora_block", taso_adapter_rank=4, taso_lr_scaling="sqrt",
                  learning_rate=3.0e-3),
     "qlora": dict(method="lora", load_in_4bit=True, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True,
