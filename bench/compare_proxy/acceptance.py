@@ -32,8 +32,8 @@ def evaluate_base(config, task: str, out: Path) -> dict:
     from trl import ModelConfig
 
     from taso_llm.compare.evaluation import load_test
-    from taso_llm.data.standard import use_conversational
     from taso_llm.compare.runs import prepare_data, test_source
+    from taso_llm.data.standard import use_conversational
     from taso_llm.eval import run_evaluation
     from taso_llm.io import write_json
     from taso_llm.loading import load_model_and_tokenizer
