@@ -117,11 +117,7 @@ def run_fields(config: CompareConfig, run: Run) -> dict:
     return {**recipe, **config.overrides, **method.overrides}
 
 
-def recipe_model_fields(config: CompareConfig, run: Run) -> dict:
-    """What evaluation needs to rebuild the trained model: dtype and 4-bit settings of the run's recipe."""
-    merged = run_fields(config, run)
-    keys = ("dtype", "load_in_4bit", "bnb_4bit_quant_type", "use_bnb_nested_quant")
-    return {k: merged[k] for k in keys if k in merged}
+MODEL_FIELDS = ("dtype", "load_in_4bit", "bnb_4bit_quant_type", "use_bnb_nested_quant")  # to rebuild the model
 
 
 def _env(config: CompareConfig) -> dict:
@@ -156,9 +152,10 @@ def evaluate(config: CompareConfig, run: Run) -> dict:
     out = run.dir(config)
     if (out / EVAL).is_file():
         return json.loads((out / EVAL).read_text())
+    fields = run_fields(config, run)  # what evaluation needs to rebuild the model and render the rows as trained
     spec = {"run_dir": str(out), "base_model": config.base_model, "task": run.task,
-            "model_fields": recipe_model_fields(config, run), "test": asdict(test_source(config, run.task)),
-            "prompt_format": run_fields(config, run).get("prompt_format", "auto"),
+            "model_fields": {k: fields[k] for k in MODEL_FIELDS if k in fields},
+            "test": asdict(test_source(config, run.task)), "prompt_format": fields.get("prompt_format", "auto"),
             "limit": config.tasks[run.task].eval_limit, "eval": asdict(config.eval)}
     write_json(out / "eval_spec.json", spec)
     cmd = [sys.executable, "-m", "taso_llm.compare.evaluation", str(out / "eval_spec.json")]

@@ -54,10 +54,8 @@ def _plain_prompts(dataset, use_chat_template: bool) -> list[Prompt]:
 
 
 def _math_prompt(prompt, fewshot: Sequence[tuple[str, str]], use_chat_template: bool) -> Prompt:
-    if isinstance(prompt, str) and not fewshot:
-        return prompt  # a standard row, as trained (plain text, no "Question:" frame)
-    if use_chat_template and not fewshot:
-        return prompt  # as trained: keeps any system message and earlier turns
+    if not fewshot and (use_chat_template or isinstance(prompt, str)):
+        return prompt  # as trained: plain text (no "Question:" frame), or messages with any system turn and history
     built = build_math_prompt(last_user_text(prompt), fewshot, use_chat_template)
     if use_chat_template:  # keep a system prompt in front of the shots
         built = [m for m in prompt if m["role"] == "system"] + built
