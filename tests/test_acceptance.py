@@ -1,0 +1,69 @@
+"""bench/compare_proxy/acceptance.py's "beyond seed noise" test: the exact permutation p-value against a brute-force
+reference over every ordering of the pooled scores, and the checks it feeds."""
+
+import importlib.util
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "compare_proxy" / "acceptance.py"
+
+
+@pytest.fixture(scope="module")
+def acceptance():
+    spec = importlib.util.spec_from_file_location("proxy_acceptance", SCRIPT)  # bench/ is not a package
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _reference_p(better, worse):
+    """Every ordering of the pooled scores (not splits): the first len(better) go to the first group."""
+    pooled, n = better + worse, len(better)
+    observed = sum(better) / n - sum(worse) / len(worse)
+    hits = total = 0
+    for order in itertools.permutations(pooled):
+        total += 1
+        hits += sum(order[:n]) / n - sum(order[n:]) / len(worse) >= observed - 1e-12
+    return hits / total
+
+
+@pytest.mark.parametrize("better, worse", [
+    ([0.6, 0.7, 0.8], [0.1, 0.2, 0.3]),          # ranges apart: the smallest p of 3 vs 3
+    ([0.3, 0.5, 0.6], [0.1, 0.2, 0.4]),          # overlapping
+    ([0.2, 0.2, 0.5], [0.2, 0.5, 0.2]),          # ties, no difference
+    ([0.9, 0.1, 0.5, 0.4], [0.3, 0.2, 0.35]),    # unequal sizes
+])
+def test_p_value_matches_every_ordering(acceptance, better, worse):
+    assert acceptance.permutation_p_value(better, worse) == pytest.approx(_reference_p(better, worse))
+
+
+def test_p_value_extremes(acceptance):
+    assert acceptance.permutation_p_value([0.6, 0.7, 0.8], [0.1, 0.2, 0.3]) == pytest.approx(1 / 20)
+    assert acceptance.permutation_p_value([0.1, 0.2, 0.3], [0.6, 0.7, 0.8]) == 1.0
+    seven = acceptance.permutation_p_value([0.5 + i / 100 for i in range(7)], [0.1 + i / 100 for i in range(7)])
+    assert seven == pytest.approx(1 / 3432)  # C(14, 7) splits, only the observed one as extreme
+
+
+def _method(em, nll):
+    return {"seeds": list(range(len(em))), "exact_match": em, "exact_match_min": min(em), "exact_match_max": max(em),
+            "exact_match_mean": sum(em) / len(em), "answer_nll": nll, "answer_nll_mean": sum(nll) / len(nll),
+            "lr_interior": True}
+
+
+def test_checks_use_the_permutation_bar(acceptance):
+    base = {"metrics": {"strict_match": 0.0}}
+    methods = {"taso": _method([0.5, 0.6, 0.7], [0.2, 0.3, 0.25]),
+               "lora_r1": _method([0.1, 0.2, 0.55], [0.31, 0.35, 0.4]),
+               "lora_r16": _method([0.6, 0.7, 0.8], [0.1, 0.2, 0.15])}
+    verdict = acceptance.checks(base, methods)
+    # 3 vs 3: p <= 0.05 exactly when the ranges are apart
+    assert verdict["lora_r16_above_lora_r1_no_overlap"] and verdict["lora_r16_above_lora_r1_exact_match_p<=0.05"]
+    assert not verdict["taso_above_lora_r1_no_overlap"]
+    assert not verdict["taso_above_lora_r1_exact_match_p<=0.05"]
+    rows = {(c["better"], c["than"]): c for c in acceptance.comparisons(methods)}
+    assert rows[("taso", "lora_r1")]["answer_nll_p"] == pytest.approx(1 / 20)  # lower NLL on every seed
+    assert rows[("taso", "lora_r16")]["exact_match_diff"] == pytest.approx(-0.1)
