@@ -67,3 +67,14 @@ def test_checks_use_the_permutation_bar(acceptance):
     rows = {(c["better"], c["than"]): c for c in acceptance.comparisons(methods)}
     assert rows[("taso", "lora_r1")]["answer_nll_p"] == pytest.approx(1 / 20)  # lower NLL on every seed
     assert rows[("taso", "lora_r16")]["exact_match_diff"] == pytest.approx(-0.1)
+
+
+def test_ablation_rows_both_ways(acceptance):
+    methods = {"taso": _method([0.5, 0.6, 0.7], [0.2, 0.3, 0.25]),
+               "taso_rank8": _method([0.1, 0.2, 0.3], [0.4, 0.5, 0.45]),   # worse on every seed
+               "lora_r1": _method([0.1, 0.2, 0.55], [0.31, 0.35, 0.4])}
+    [row] = acceptance.ablation(methods)  # only taso_* variants, against the default
+    assert row["variant"] == "taso_rank8" and row["exact_match_diff"] == pytest.approx(-0.4)
+    assert row["default_better_exact_match_p"] == pytest.approx(1 / 20)
+    assert row["variant_better_exact_match_p"] == 1.0
+    assert row["default_better_answer_nll_p"] == pytest.approx(1 / 20)

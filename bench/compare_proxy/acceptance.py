@@ -148,6 +148,26 @@ def comparisons(methods: dict) -> list[dict]:
     return out
 
 
+def ablation(methods: dict, default: str = "taso") -> list[dict]:
+    """Every other TASO variant against the default, both ways: a variant becomes the default only if it wins
+    beyond seed noise (docs/comparison.md)."""
+    out = []
+    for name, m in methods.items():
+        if not name.startswith(default + "_") or default not in methods:
+            continue
+        d = methods[default]
+        out.append({"variant": name, "seeds": len(m["seeds"]),
+                    "exact_match_diff": m["exact_match_mean"] - d["exact_match_mean"],
+                    "variant_better_exact_match_p": permutation_p_value(m["exact_match"], d["exact_match"]),
+                    "default_better_exact_match_p": permutation_p_value(d["exact_match"], m["exact_match"]),
+                    "answer_nll_diff": m["answer_nll_mean"] - d["answer_nll_mean"],
+                    "variant_better_answer_nll_p": permutation_p_value([-x for x in m["answer_nll"]],
+                                                                       [-x for x in d["answer_nll"]]),
+                    "default_better_answer_nll_p": permutation_p_value([-x for x in d["answer_nll"]],
+                                                                       [-x for x in m["answer_nll"]])})
+    return out
+
+
 def checks(base: dict, methods: dict) -> dict:
     r16, r1 = methods.get("lora_r16"), methods.get("lora_r1")
     out = {"base_exact_match_near_zero": base["metrics"]["strict_match"] <= BASE_EM_MAX}
@@ -193,6 +213,15 @@ def markdown(base: dict, methods: dict, verdict: dict) -> str:
         lines += [f"| {c['better']} better than {c['than']} | {c['seeds'][0]} vs {c['seeds'][1]} | "
                   f"{c['exact_match_diff']:+.3f} ({c['exact_match_p']:.3f}) | "
                   f"{c['answer_nll_diff']:+.3f} ({c['answer_nll_p']:.3f}) |" for c in rows]
+    variants = ablation(methods)
+    if variants:
+        lines += ["", "Each TASO variant against the default `taso` (exact one-sided permutation p-values, both ways):",
+                  "", "| variant | seeds | exact match vs default (p variant better / p default better) | "
+                  "answer NLL vs default (p variant better / p default better) |", "|---|---|---|---|"]
+        lines += [f"| {v['variant']} | {v['seeds']} | {v['exact_match_diff']:+.3f} "
+                  f"({v['variant_better_exact_match_p']:.3f} / {v['default_better_exact_match_p']:.3f}) | "
+                  f"{v['answer_nll_diff']:+.3f} ({v['variant_better_answer_nll_p']:.3f} / "
+                  f"{v['default_better_answer_nll_p']:.3f}) |" for v in variants]
     lines += ["", "| check | holds |", "|---|---|"] + [f"| {k} | {'yes' if v else '**no**'} |"
                                                        for k, v in verdict.items()]
     return "\n".join(lines) + "\n"
@@ -206,14 +235,18 @@ def plot(base: dict, methods: dict, path: Path) -> None:
 
     from taso_llm.io import atomic_path
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, (ax, nll) = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(methods) + 3), 4))
     for i, (name, m) in enumerate(methods.items()):
-        ax.plot([i] * len(m["exact_match"]), m["exact_match"], "o", color=f"C{i}", alpha=0.8)
-        ax.hlines(m["exact_match_mean"], i - 0.25, i + 0.25, color=f"C{i}")
+        for axis, key in ((ax, "exact_match"), (nll, "answer_nll")):
+            axis.plot([i] * len(m[key]), m[key], "o", color=f"C{i % 10}", alpha=0.8)
+            axis.hlines(sum(m[key]) / len(m[key]), i - 0.25, i + 0.25, color=f"C{i % 10}")
     ax.axhline(base["metrics"]["strict_match"], color="gray", ls=":", label="untrained base")
     ax.axhspan(*R16_BAND, color="C2", alpha=0.07, label="LoRA r=16 target band")
-    ax.set_xticks(range(len(methods)), list(methods))
-    ax.set(ylabel="test exact match", ylim=(0, 1), title="proxy math: each dot one seed")
+    ax.set(ylabel="test exact match (higher is better)", ylim=(0, 1), title="each dot one seed, bar the mean")
+    nll.set(ylabel="test answer NLL (lower is better)", title=f"untrained base: {base['metrics']['answer_nll']:.2f}")
+    for axis in (ax, nll):
+        axis.set_xticks(range(len(methods)), list(methods), rotation=30 if len(methods) > 4 else 0, ha="right"
+                        if len(methods) > 4 else "center", fontsize=8)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -236,10 +269,11 @@ def main(argv=None) -> None:
     methods = summarize(results, config, args.task)
     verdict = checks(base, methods)
     write_json(report / "acceptance.json", {"task": args.task, "base": base["metrics"], "methods": methods,
-                                            "comparisons": comparisons(methods), "checks": verdict})
+                                            "comparisons": comparisons(methods), "ablation": ablation(methods),
+                                            "checks": verdict})
     text = markdown(base, methods, verdict)
-    write_text(report / "acceptance.md", f"# Does the proxy rank methods? ({args.task})\n\n{__doc__.split(chr(10))[0]}"
-               f"\n\n{text}")
+    write_text(report / "acceptance.md", f"# {config.name}: seeds, ranges and checks ({args.task})\n\n"
+               f"{__doc__.split(chr(10))[0]}\n\n{text}")
     plot(base, methods, report / "exact_match.png")
     print(text)
 
