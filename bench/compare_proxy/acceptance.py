@@ -132,40 +132,35 @@ def permutation_p_value(better: list[float], worse: list[float]) -> float:
     return at_least / splits
 
 
+def _p(better: dict, worse: dict, key: str) -> float:
+    """Permutation p-value that `better` beats `worse` on a per-seed score (answer NLL: lower is better)."""
+    sign = -1.0 if key == "answer_nll" else 1.0
+    return permutation_p_value([sign * x for x in better[key]], [sign * x for x in worse[key]])
+
+
+def _diffs(a: dict, b: dict) -> dict:
+    return {f"{key}_diff": a[f"{key}_mean"] - b[f"{key}_mean"] for key in ("exact_match", "answer_nll")}
+
+
 def comparisons(methods: dict) -> list[dict]:
     """For each claimed ordering whose methods were run: mean differences and permutation p-values, exact match
     (higher is better) and answer NLL (lower is better)."""
-    out = []
-    for better, worse in PAIRS:
-        if better not in methods or worse not in methods:
-            continue
-        a, b = methods[better], methods[worse]
-        out.append({"better": better, "than": worse, "seeds": [len(a["seeds"]), len(b["seeds"])],
-                    "exact_match_diff": a["exact_match_mean"] - b["exact_match_mean"],
-                    "exact_match_p": permutation_p_value(a["exact_match"], b["exact_match"]),
-                    "answer_nll_diff": a["answer_nll_mean"] - b["answer_nll_mean"],
-                    "answer_nll_p": permutation_p_value([-x for x in a["answer_nll"]], [-x for x in b["answer_nll"]])})
-    return out
+    return [{"better": better, "than": worse, "seeds": [len(methods[better]["seeds"]), len(methods[worse]["seeds"])],
+             **_diffs(methods[better], methods[worse]),
+             **{f"{key}_p": _p(methods[better], methods[worse], key) for key in ("exact_match", "answer_nll")}}
+            for better, worse in PAIRS if better in methods and worse in methods]
 
 
 def ablation(methods: dict, default: str = "taso") -> list[dict]:
     """Every other TASO variant against the default, both ways: a variant becomes the default only if it wins
     beyond seed noise (docs/comparison.md)."""
-    out = []
-    for name, m in methods.items():
-        if not name.startswith(default + "_") or default not in methods:
-            continue
-        d = methods[default]
-        out.append({"variant": name, "seeds": len(m["seeds"]),
-                    "exact_match_diff": m["exact_match_mean"] - d["exact_match_mean"],
-                    "variant_better_exact_match_p": permutation_p_value(m["exact_match"], d["exact_match"]),
-                    "default_better_exact_match_p": permutation_p_value(d["exact_match"], m["exact_match"]),
-                    "answer_nll_diff": m["answer_nll_mean"] - d["answer_nll_mean"],
-                    "variant_better_answer_nll_p": permutation_p_value([-x for x in m["answer_nll"]],
-                                                                       [-x for x in d["answer_nll"]]),
-                    "default_better_answer_nll_p": permutation_p_value([-x for x in d["answer_nll"]],
-                                                                       [-x for x in m["answer_nll"]])})
-    return out
+    if default not in methods:
+        return []
+    d = methods[default]
+    return [{"variant": name, "seeds": len(m["seeds"]), **_diffs(m, d),
+             **{f"{who}_better_{key}_p": _p(*pair, key) for key in ("exact_match", "answer_nll")
+                for who, pair in (("variant", (m, d)), ("default", (d, m)))}}
+            for name, m in methods.items() if name.startswith(default + "_")]
 
 
 def checks(base: dict, methods: dict) -> dict:
