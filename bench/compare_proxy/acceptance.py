@@ -239,9 +239,10 @@ def plot(base: dict, methods: dict, path: Path) -> None:
     ax.axhspan(*R16_BAND, color="C2", alpha=0.07, label="LoRA r=16 target band")
     ax.set(ylabel="test exact match (higher is better)", ylim=(0, 1), title="each dot one seed, bar the mean")
     nll.set(ylabel="test answer NLL (lower is better)", title=f"untrained base: {base['metrics']['answer_nll']:.2f}")
+    crowded = len(methods) > 4  # ablation reports: slant the variant names so they do not overlap
     for axis in (ax, nll):
-        axis.set_xticks(range(len(methods)), list(methods), rotation=30 if len(methods) > 4 else 0, ha="right"
-                        if len(methods) > 4 else "center", fontsize=8)
+        axis.set_xticks(range(len(methods)), list(methods), rotation=30 if crowded else 0,
+                        ha="right" if crowded else "center", fontsize=8)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     with atomic_path(path) as tmp:
