@@ -1,23 +1,19 @@
 """bench/compare_proxy/acceptance.py's "beyond seed noise" test: the exact permutation p-value against a brute-force
 reference over every ordering of the pooled scores, and the checks it feeds."""
 
-import importlib.util
 import itertools
 import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "compare_proxy" / "acceptance.py"
+sys.path.insert(0, str(Path(__file__).parent))
+from script_loader import load_script  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def acceptance():
-    spec = importlib.util.spec_from_file_location("proxy_acceptance", SCRIPT)  # bench/ is not a package
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/compare_proxy/acceptance.py", "proxy_acceptance")
 
 
 def _reference_p(better, worse):

@@ -1,12 +1,14 @@
 """Smoke test of bench/bench_adapter_step.py on a toy LLaMA: the report's structure and the trainable-parameter
 counts of every variant. No timing or memory assertions: those depend on the machine and on what else runs."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from script_loader import load_script  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_adapter_step.py"
 TOY = ["--layers", "2", "--hidden", "64", "--intermediate", "176", "--heads", "4", "--kv-heads", "2",
@@ -16,12 +18,7 @@ VARIANTS = "floor,taso@r1,taso@r1/autograd,lora@r1,lora@r16"
 
 
 def _load_bench():
-    # bench/ is not a package (it is a script directory), so load the file by path.
-    spec = importlib.util.spec_from_file_location("bench_adapter_step", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/bench_adapter_step.py", "bench_adapter_step")
 
 
 @pytest.fixture(scope="module")

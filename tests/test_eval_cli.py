@@ -1,18 +1,16 @@
-import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "evaluate.py"
+sys.path.insert(0, str(Path(__file__).parent))
+from script_loader import load_script  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def cli():
-    spec = importlib.util.spec_from_file_location("evaluate_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("recipes/evaluate.py", "evaluate_recipe")
 
 
 def test_cli_math_with_fewshot(cli, tmp_path):
