@@ -22,6 +22,11 @@
         validation_size: 100
         eval_limit: 200
     eval: {batch_size: 16, max_new_tokens: 192}
+
+A config can start from another: `extends: proxy_math_plain.yaml` (a path relative to the extending file) reads that
+file first and merges this one over it. Mappings merge key by key, a `null` value removes the key (`methods:
+{taso_matrix: null}` drops a method), and anything else (lists, scalars) replaces the parent's value. Chains are
+allowed; a cycle is an error naming the files.
 """
 
 from __future__ import annotations
@@ -191,11 +196,40 @@ def parse_compare_config(values: dict, source: str = "compare config") -> Compar
     return config
 
 
-def load_compare_config(path: str | Path) -> CompareConfig:
+def merge_over(parent: dict, child: dict) -> dict:
+    """`child` merged over `parent`: nested mappings key by key, None deletes a key, other values replace."""
+    merged = dict(parent)
+    for key, value in child.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_over(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_compare_values(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The YAML mapping of a compare config with its `extends:` chain resolved (the key itself removed)."""
     path = Path(path)
     if not path.is_file():
-        raise CompareConfigError(f"{path}: no such compare config")
-    return parse_compare_config(yaml.safe_load(path.read_text()), str(path))
+        where = f" (extends: in {_chain[-1]})" if _chain else ""
+        raise CompareConfigError(f"{path}: no such compare config{where}")
+    if path.resolve() in {p.resolve() for p in _chain}:
+        raise CompareConfigError(f"extends: cycle {' -> '.join(map(str, (*_chain, path)))}")
+    values = yaml.safe_load(path.read_text())
+    if not isinstance(values, dict):
+        raise CompareConfigError(f"{path}: expected a mapping at the top level")
+    parent = values.pop("extends", None)
+    if parent is None:
+        return values
+    if not isinstance(parent, str):
+        raise CompareConfigError(f"{path}: extends: expected the path of another compare config, got {parent!r}")
+    return merge_over(read_compare_values(path.parent / parent, (*_chain, path)), values)
+
+
+def load_compare_config(path: str | Path) -> CompareConfig:
+    return parse_compare_config(read_compare_values(path), str(path))
 
 
 def check_recipes(config: CompareConfig, root: Path) -> None:
