@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from script_loader import load_script  # noqa: E402
+from script_loader import ROOT, load_script  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,24 @@ def test_ablation_rows_both_ways(acceptance):
     assert row["default_better_exact_match_p"] == pytest.approx(1 / 20)
     assert row["variant_better_exact_match_p"] == 1.0
     assert row["default_better_answer_nll_p"] == pytest.approx(1 / 20)
+
+
+def test_base_score_is_reused_only_for_the_same_test_rows_and_settings(acceptance, tmp_path, monkeypatch):
+    from taso_llm.compare import load_compare_config
+    from taso_llm.compare.runs import data_file
+
+    scored = []
+    monkeypatch.setattr(acceptance, "score_base", lambda config, task: scored.append(task) or {"metrics": {"n": 1}})
+    config = load_compare_config(ROOT / "recipes/configs/compare/tiny.yaml")
+    config.output_dir = str(tmp_path / "runs")
+    out = tmp_path / "base_eval.json"
+    first = acceptance.evaluate_base(config, "math", out)
+    assert scored == ["math"] and first["key"]["test_sha256"]
+    assert acceptance.evaluate_base(config, "math", out) == first and scored == ["math"]  # same key: cached
+    config.eval.max_new_tokens += 1                                                      # another setting
+    acceptance.evaluate_base(config, "math", out)
+    assert len(scored) == 2
+    data_file(config, "math", "test").write_text(data_file(config, "math", "train").read_text())  # other rows
+    acceptance.evaluate_base(config, "math", out)
+    assert len(scored) == 3 and acceptance.evaluate_base(config, "math", out)["key"] == acceptance.base_eval_key(
+        config, "math")
