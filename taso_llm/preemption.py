@@ -14,6 +14,11 @@ Exit status 0: the process did what the signal asked. A non-zero rank would make
 other ranks down and `srun --kill-on-bad-exit` end the other nodes, possibly before rank 0 finished writing. A
 stopped run is told from a finished one by its missing metrics.json and by the file above, not by the status.
 The handler stays installed until the process ends: a SIGTERM during the final outputs lets them complete.
+
+DataLoader worker processes (`dataloader_num_workers` > 0) ignore a SIGTERM that is not from their rank
+(`workers_ignore_sigterm`): SLURM signals every process of the job, and torch's worker exits on a SIGTERM from anyone
+but its parent, so the rank's next batch would fail before the checkpoint. A SIGTERM from the rank (its loader or
+multiprocessing shutting the worker down) still ends the worker, as in torch.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -89,3 +96,29 @@ class PreemptionCallback(TrainerCallback):
             if os.environ.get(PREEMPTED_FILE_ENV):
                 write_text(os.environ[PREEMPTED_FILE_ENV], f"{self.checkpoint}\n")
         return {"preempted": True, "global_step": self.stopped_step, "checkpoint": str(self.checkpoint)}
+
+
+def _exit_on_sigterm_from(parent: int) -> None:
+    """A worker thread that takes every SIGTERM (blocked in all the worker's threads, so none is delivered anywhere
+    else): from the parent rank (its loader shutting down, multiprocessing's exit) the worker ends as torch's own
+    handler would end it; from anyone else (SLURM) it is dropped."""
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
+
+
+def _ignore_sigterm_then(worker_init_fn, worker_id: int) -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the mask
+    threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), name="sigterm-from-parent",
+                     daemon=True).start()
+    if worker_init_fn is not None:
+        worker_init_fn(worker_id)
+
+
+def workers_ignore_sigterm(dataloader):
+    """The loader's worker processes ignore SIGTERM (see the module doc); its own worker_init_fn still runs after.
+    A partial of a module function, so it pickles for a spawn or forkserver context too."""
+    loader = getattr(dataloader, "base_dataloader", dataloader)  # accelerate's wrapper iterates the loader inside
+    if loader.num_workers > 0:
+        loader.worker_init_fn = partial(_ignore_sigterm_then, loader.worker_init_fn)
+    return dataloader

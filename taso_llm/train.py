@@ -26,6 +26,7 @@ from .adapters.io import (CONFIG_NAME, WEIGHTS_NAME, adapter_config, adapter_sta
                           read_adapter)
 from .io import save_safetensors, write_json
 from .outputs import PARTIAL_CHECKPOINTS, TRAINER_STATE, move_into_place
+from .preemption import workers_ignore_sigterm
 
 log = logging.getLogger("taso_llm")
 HISTORY_NAME = "run_history.json"  # in each checkpoint: MetricsCallback.history()
@@ -113,6 +114,12 @@ class AdapterSFTTrainer(SFTTrainer):
 
     def _get_output_dir(self, trial) -> str:
         return self._staging_root or super()._get_output_dir(trial)
+
+    def get_train_dataloader(self):
+        return workers_ignore_sigterm(super().get_train_dataloader())
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return workers_ignore_sigterm(super().get_eval_dataloader(eval_dataset))
 
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint flow (TRL's model card, weights, optimizer/scheduler or DeepSpeed/FSDP state,

@@ -151,3 +151,45 @@ def test_sigterm_to_the_launch_script_checkpoints_at_the_next_step_and_leaves_no
     assert not any((out / name).exists() for name in FINAL_FILES)
     assert marker.read_text().strip() == str(out / "checkpoint-3")
     assert "SIGTERM: stopped after step 3" in output
+
+
+
+def test_dataloader_worker_ends_on_sigterm_from_its_rank_only():
+    """A worker drops a SIGTERM from another process (SLURM's) and keeps serving batches; one from its parent (the
+    loader shutting down, multiprocessing at exit) ends it as before, so nothing waits on a worker that won't go."""
+    import psutil
+    from torch.utils.data import DataLoader
+
+    from taso_llm.preemption import workers_ignore_sigterm
+
+    loader = workers_ignore_sigterm(DataLoader(list(range(64)), batch_size=2, num_workers=1,
+                                               worker_init_fn=lambda worker_id: torch.manual_seed(worker_id)))
+    batches = iter(loader)
+    assert next(batches).tolist() == [0, 1]
+    [worker] = psutil.Process().children()
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # sent by another process
+    time.sleep(0.5)
+    assert worker.is_running() and next(batches).tolist() == [2, 3]
+    os.kill(worker.pid, signal.SIGTERM)  # sent by its parent
+    assert worker.wait(timeout=10) == 0
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_of_the_run_spares_its_dataloader_workers(tmp_path, tiny_path):
+    """SLURM signals every process of the job, DataLoader workers too. torch's worker exits on a SIGTERM that is not
+    from its parent, and the rank's next batch then fails; ours ignore it, so step 3 still gets its batch and the run
+    stops there with its checkpoint as it does with 0 workers."""
+    import psutil
+
+    out, paused = tmp_path / "run", tmp_path / "paused"
+    env = launch_env(TASO_PAUSE_AT_STEP="2", TASO_PAUSED_FILE=str(paused), TASO_TEST_MARKER=tmp_path.name)
+    cmd = [sys.executable, str(OBSERVED), *recipe_args(out, "--dataloader_num_workers", "1")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group: the job's processes, as SLURM sees them
+    wait_for_file(paused, [proc])
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert workers, "no DataLoader worker was running: this test would check nothing"
+    os.killpg(proc.pid, signal.SIGTERM)
+    (output,) = finish([proc])
+    assert (out / "checkpoint-3" / "trainer_state.json").is_file(), output[-4000:]
+    assert not any((out / name).exists() for name in FINAL_FILES)
+    assert "SIGTERM: stopped after step 3" in output and processes_with(tmp_path.name) == []
