@@ -116,9 +116,11 @@ def _ignore_sigterm_then(worker_init_fn, worker_id: int) -> None:
 
 
 def workers_ignore_sigterm(dataloader):
-    """The loader's worker processes ignore SIGTERM (see the module doc); its own worker_init_fn still runs after.
-    A partial of a module function, so it pickles for a spawn or forkserver context too."""
+    """The loader's worker processes ignore a SIGTERM that is not from their rank (see the module doc); its own
+    worker_init_fn still runs after. A partial of a module function, so it pickles for a spawn or forkserver context
+    too; a loader the Trainer hands out again (cached eval loaders) is not wrapped twice."""
     loader = getattr(dataloader, "base_dataloader", dataloader)  # accelerate's wrapper iterates the loader inside
-    if loader.num_workers > 0:
-        loader.worker_init_fn = partial(_ignore_sigterm_then, loader.worker_init_fn)
+    init = loader.worker_init_fn
+    if loader.num_workers > 0 and getattr(init, "func", None) is not _ignore_sigterm_then:
+        loader.worker_init_fn = partial(_ignore_sigterm_then, init)
     return dataloader

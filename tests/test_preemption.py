@@ -164,6 +164,8 @@ def test_dataloader_worker_ends_on_sigterm_from_its_rank_only():
 
     loader = workers_ignore_sigterm(DataLoader(list(range(64)), batch_size=2, num_workers=1,
                                                worker_init_fn=lambda worker_id: torch.manual_seed(worker_id)))
+    wrapped = loader.worker_init_fn
+    assert workers_ignore_sigterm(loader).worker_init_fn is wrapped  # handed out again: not wrapped twice
     batches = iter(loader)
     assert next(batches).tolist() == [0, 1]
     [worker] = psutil.Process().children()

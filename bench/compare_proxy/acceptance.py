@@ -4,9 +4,10 @@
 
 Reads the comparison's results.json, evaluates the untrained base on the same test rows with the same evaluation
 (cached in base_eval.json, reused only for the same base, test file and settings), and writes acceptance.json,
-acceptance.md and exact_match.png beside the report. The checks (issue 8): the base scores ~0 exact match (the fine-tuning layout and compositions are new to it); LoRA r=16
-lands between 30% and 85%; LoRA r=16 beats LoRA r=1 with non-overlapping ranges over the seeds; every method's
-learning rate was chosen on validation inside its grid (not at an edge). Test rows are only read here, never chosen on.
+acceptance.md and exact_match.png beside the report. The checks (issue 8): the base scores ~0 exact match (the
+fine-tuning layout and compositions are new to it); LoRA r=16 lands between 30% and 85%; LoRA r=16 beats LoRA r=1
+with non-overlapping ranges over the seeds; every method's learning rate was chosen on validation inside its grid
+(not at an edge). Test rows are only read here, never chosen on.
 
 "Beyond seed noise" is also tested with more seeds: an exact one-sided permutation test on the per-seed scores (every
 split of the pooled seeds into two groups of the same sizes). With 3 seeds against 3 its smallest p-value is 1/20 =
