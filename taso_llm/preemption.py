@@ -119,6 +119,8 @@ def workers_ignore_sigterm(dataloader):
     """The loader's worker processes ignore a SIGTERM that is not from their rank (see the module doc); its own
     worker_init_fn still runs after. A partial of a module function, so it pickles for a spawn or forkserver context
     too; a loader the Trainer hands out again (cached eval loaders) is not wrapped twice."""
+    if not hasattr(signal, "sigwaitinfo"):  # macOS and Windows have none: their workers keep torch's behaviour
+        return dataloader
     loader = getattr(dataloader, "base_dataloader", dataloader)  # accelerate's wrapper iterates the loader inside
     init = loader.worker_init_fn
     if loader.num_workers > 0 and getattr(init, "func", None) is not _ignore_sigterm_then:

@@ -154,6 +154,16 @@ def test_sigterm_to_the_launch_script_checkpoints_at_the_next_step_and_leaves_no
 
 
 
+def test_without_sigwaitinfo_the_loader_is_left_as_it_is(monkeypatch):
+    from torch.utils.data import DataLoader
+
+    from taso_llm.preemption import workers_ignore_sigterm
+
+    monkeypatch.delattr(signal, "sigwaitinfo")  # macOS: the worker would fail at start with the wrapper
+    loader = DataLoader(list(range(4)), num_workers=1)
+    assert workers_ignore_sigterm(loader).worker_init_fn is None
+
+
 def test_dataloader_worker_ends_on_sigterm_from_its_rank_only():
     """A worker drops a SIGTERM from another process (SLURM's) and keeps serving batches; one from its parent (the
     loader shutting down, multiprocessing at exit) ends it as before, so nothing waits on a worker that won't go."""
