@@ -95,3 +95,14 @@ def test_base_score_is_reused_only_for_the_same_test_rows_and_settings(acceptanc
     acceptance.evaluate_base(config, "math", out)
     assert len(scored) == 3 and acceptance.evaluate_base(config, "math", out)["key"] == acceptance.base_eval_key(
         config, "math")
+
+
+def test_seeds_needed_is_the_two_sample_normal_formula(acceptance):
+    better, worse = [0.9, 0.5, 0.7, 0.6], [0.5, 0.4, 0.7, 0.2]
+    diff = sum(better) / 4 - sum(worse) / 4                                    # 0.225
+    var = (sum((x - 0.675) ** 2 for x in better) + sum((x - 0.45) ** 2 for x in worse)) / 6
+    by_hand = 2 * ((1.6449 + 0.8416) ** 2) * var / diff ** 2                  # z_0.95 + z_0.8, tabulated
+    assert acceptance.seeds_needed(better, worse) == int(by_hand) + 1
+    assert acceptance.seeds_needed(worse, better) is None                      # the claim points the other way
+    closer = [x - diff / 2 for x in better]                                    # half the difference, same spread
+    assert acceptance.seeds_needed(closer, worse) in range(4 * int(by_hand), 4 * int(by_hand) + 5)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 from pathlib import Path
 
@@ -167,12 +168,28 @@ def _diffs(a: dict, b: dict) -> dict:
     return {f"{key}_diff": a[f"{key}_mean"] - b[f"{key}_mean"] for key in ("exact_match", "answer_nll")}
 
 
+def seeds_needed(better: list[float], worse: list[float], power: float = 0.8) -> int | None:
+    """Seeds per method at which a one-sided test at NOISE_P would find the observed mean difference with this
+    power, if it is the true one and the seed spread is the pooled one seen (normal approximation:
+    n = 2 ((z_(1-p) + z_power) sd / d)^2). None when the observed difference is not in the claimed direction."""
+    from statistics import NormalDist, mean, variance
+
+    diff = mean(better) - mean(worse)
+    if diff <= 0:
+        return None
+    pooled = (((len(better) - 1) * variance(better) + (len(worse) - 1) * variance(worse))
+              / (len(better) + len(worse) - 2))
+    z = NormalDist().inv_cdf(1 - NOISE_P) + NormalDist().inv_cdf(power)
+    return max(2, math.ceil(2 * (z * math.sqrt(pooled) / diff) ** 2))
+
+
 def comparisons(methods: dict) -> list[dict]:
     """For each claimed ordering whose methods were run: mean differences and permutation p-values, exact match
-    (higher is better) and answer NLL (lower is better)."""
+    (higher is better) and answer NLL (lower is better), and how many seeds the exact-match difference would need."""
     return [{"better": better, "than": worse, "seeds": [len(methods[better]["seeds"]), len(methods[worse]["seeds"])],
              **_diffs(methods[better], methods[worse]),
-             **{f"{key}_p": _p(methods[better], methods[worse], key) for key in ("exact_match", "answer_nll")}}
+             **{f"{key}_p": _p(methods[better], methods[worse], key) for key in ("exact_match", "answer_nll")},
+             "exact_match_seeds_needed": seeds_needed(methods[better]["exact_match"], methods[worse]["exact_match"])}
             for better, worse in PAIRS if better in methods and worse in methods]
 
 
@@ -228,11 +245,13 @@ def markdown(base: dict, methods: dict, verdict: dict) -> str:
     if rows:
         lines += ["", "Beyond seed noise? Exact one-sided permutation test on the seeds' scores (p <= 0.05; with 3 "
                   "seeds against 3 that is the same as ranges apart):", "",
-                  "| claim | seeds | exact match: mean difference (p) | answer NLL: mean difference (p) |",
-                  "|---|---|---|---|"]
+                  "| claim | seeds | exact match: mean difference (p) | answer NLL: mean difference (p) | "
+                  "seeds per method to show that exact-match difference (80% power) |",
+                  "|---|---|---|---|---|"]
         lines += [f"| {c['better']} better than {c['than']} | {c['seeds'][0]} vs {c['seeds'][1]} | "
                   f"{c['exact_match_diff']:+.3f} ({c['exact_match_p']:.3f}) | "
-                  f"{c['answer_nll_diff']:+.3f} ({c['answer_nll_p']:.3f}) |" for c in rows]
+                  f"{c['answer_nll_diff']:+.3f} ({c['answer_nll_p']:.3f}) | "
+                  f"{c['exact_match_seeds_needed'] or 'never (wrong direction)'} |" for c in rows]
     variants = ablation(methods)
     if variants:
         lines += ["", "Each TASO variant against the default `taso` (exact one-sided permutation p-values, both ways):",
