@@ -1,12 +1,13 @@
 """A compare config's `extends:`: the merged values are written out by hand, errors name the files."""
 
+import copy
 from pathlib import Path
 
 import pytest
 import yaml
 
 from taso_llm.compare import CompareConfigError, load_compare_config
-from taso_llm.compare.config import read_compare_values
+from taso_llm.compare.config import merge_over, read_compare_values
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARE = ROOT / "recipes" / "configs" / "compare"
@@ -38,7 +39,9 @@ def test_child_merges_over_parent_key_by_key(tmp_path):
         "methods": {"taso": {"lr_grid": [1e-3]}, "lora_r16": {"recipe": "lora_r1", "lr_grid": [1e-3]}},
         "tasks": {"math": {"train": {"generate": 40, "seed": 1}, "test": {"generate": 8, "seed": 2}, "eval_limit": 8}},
     }
-    assert PARENT["methods"]["lora_r1"] == {"lr_grid": [1e-2, 3e-2]}  # the parent's mapping is not edited in place
+    parent = copy.deepcopy(PARENT)
+    merge_over(parent, {"methods": {"lora_r1": None, "taso": {"lr_grid": [5e-3]}}, "overrides": {"warmup_steps": 4}})
+    assert parent == PARENT  # a merge copies: the parent's mappings are not edited in place
     config = load_compare_config(child)
     assert list(config.methods) == ["taso", "lora_r16"] and config.tasks["math"].train.generate == 40
 

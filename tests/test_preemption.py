@@ -153,7 +153,6 @@ def test_sigterm_to_the_launch_script_checkpoints_at_the_next_step_and_leaves_no
     assert "SIGTERM: stopped after step 3" in output
 
 
-
 def test_without_sigwaitinfo_the_loader_is_left_as_it_is(monkeypatch):
     from torch.utils.data import DataLoader
 
@@ -176,14 +175,17 @@ def test_dataloader_worker_ends_on_sigterm_from_its_rank_only():
                                                worker_init_fn=lambda worker_id: torch.manual_seed(worker_id)))
     wrapped = loader.worker_init_fn
     assert workers_ignore_sigterm(loader).worker_init_fn is wrapped  # handed out again: not wrapped twice
+    before = {p.pid for p in psutil.Process().children()}
     batches = iter(loader)
     assert next(batches).tolist() == [0, 1]
-    [worker] = psutil.Process().children()
-    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # sent by another process
+    [worker] = [p for p in psutil.Process().children() if p.pid not in before]
+    sender = f"import os, signal; os.kill({worker.pid}, signal.SIGTERM)"
+    subprocess.run([sys.executable, "-c", sender], check=True)  # sent by another process
     time.sleep(0.5)
     assert worker.is_running() and next(batches).tolist() == [2, 3]
     os.kill(worker.pid, signal.SIGTERM)  # sent by its parent
     assert worker.wait(timeout=10) == 0
+
 
 @pytest.mark.slow
 def test_sigterm_to_every_process_of_the_run_spares_its_dataloader_workers(tmp_path, tiny_path):
