@@ -63,13 +63,16 @@ def _logits_of_saved_adapter(tiny_path, adapter_dir: Path, **load_kwargs) -> tor
 
     from taso_llm.methods import detect
 
-    sys.path.insert(0, str(RECIPE.parent))
-    from train_recipe import probe_ids
-
     # Left in train mode (the tiny LLaMA has no dropout): in eval mode bitsandbytes' CPU inference path repacks
     # 4-bit weights and rejects the tiny model's odd layer sizes ("N must be divisible by block_n").
     load_base = lambda path=None: AutoModelForCausalLM.from_pretrained(path or tiny_path, **load_kwargs)  # noqa: E731
-    model = detect(adapter_dir).load_for_eval(adapter_dir, load_base).train()
+    return _probe_logits(detect(adapter_dir).load_for_eval(adapter_dir, load_base).train())
+
+
+def _probe_logits(model) -> torch.Tensor:
+    sys.path.insert(0, str(RECIPE.parent))
+    from train_recipe import probe_ids
+
     with torch.no_grad():
         return model(input_ids=probe_ids()).logits.float()
 
@@ -122,44 +125,37 @@ def test_zero3_cpu_offload_trains(tmp_path, tiny_path):
     _check_run(metrics, tmp_path, tiny_path, "DEEPSPEED", 3)
 
 
-def test_fsdp2_shards_trains_and_saves(ddp_run, tmp_path, tiny_path):
-    """fully_shard on a CPU mesh (the accelerate FSDP plugin is a no-op on CPU): each rank holds about half of
-    the parameters, the loss falls, and the gathered adapter reproduces the sharded model's logits."""
-    masks = ddp_run[0] / "masks.safetensors"
+def _fsdp2_run(tiny_path, out: Path, masks: str, *method: str) -> dict:
+    """tests/dist/train_fsdp2.py on 2 ranks: each rank holds about half of the parameters, the loss falls, and the
+    gathered adapter, loaded in one process, reproduces the sharded model's logits. Returns its probe."""
     env = _env(tiny_path, ACCELERATE_USE_CPU="true")
-    cmd = launch_cmd("multi_gpu.yaml", ROOT / "tests" / "dist" / "train_fsdp2.py", [str(tiny_path), str(masks),
-                                                                                   str(tmp_path)])
+    cmd = launch_cmd("multi_gpu.yaml", ROOT / "tests" / "dist" / "train_fsdp2.py", [str(tiny_path), masks, str(out),
+                                                                                   *method])
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    probe = torch.load(tmp_path / "probe.pt")
+    probe = torch.load(out / "probe.pt")
     assert probe["local"] < 0.6 * probe["full"]
     assert probe["losses"][-1] < probe["losses"][0]
-    torch.testing.assert_close(_logits_of_saved_adapter(tiny_path, tmp_path), probe["logits"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_logits_of_saved_adapter(tiny_path, out), probe["logits"], atol=1e-4, rtol=1e-4)
+    return probe
 
+
+def test_fsdp2_shards_trains_and_saves(ddp_run, tmp_path, tiny_path):
+    """fully_shard on a CPU mesh (the accelerate FSDP plugin is a no-op on CPU), TASO regions from the DDP run."""
+    _fsdp2_run(tiny_path, tmp_path, str(ddp_run[0] / "masks.safetensors"))
 
 
 @pytest.mark.parametrize("method", ["sparta", "droplora", "smoa"])
 def test_fsdp2_trains_the_other_sparse_methods(tmp_path, tiny_path, method):
     """The same FSDP2 run with each method's own prepare (SpaRTA's stored entries, DropLoRA's rank mask per step,
-    SMoA's frozen blocks): sharded, the loss falls, and the method's saved adapter, loaded in one process,
-    reproduces the sharded model's logits."""
-    env = _env(tiny_path, ACCELERATE_USE_CPU="true")
-    cmd = launch_cmd("multi_gpu.yaml", ROOT / "tests" / "dist" / "train_fsdp2.py", [str(tiny_path), "-",
-                                                                                   str(tmp_path), method])
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    probe = torch.load(tmp_path / "probe.pt")
-    assert probe["local"] < 0.6 * probe["full"] and probe["losses"][-1] < probe["losses"][0]
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["method"] == method
-    torch.testing.assert_close(_logits_of_saved_adapter(tiny_path, tmp_path), probe["logits"], atol=1e-4, rtol=1e-4)
+    SMoA's frozen blocks), saved by the method itself; the trained update is not nothing."""
     from transformers import AutoModelForCausalLM
 
-    sys.path.insert(0, str(RECIPE.parent))
-    from train_recipe import probe_ids
-
-    with torch.no_grad():  # the trained update is not nothing
-        base = AutoModelForCausalLM.from_pretrained(tiny_path)(input_ids=probe_ids()).logits.float()
+    probe = _fsdp2_run(tiny_path, tmp_path, "-", method)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["method"] == method
+    base = _probe_logits(AutoModelForCausalLM.from_pretrained(tiny_path))
     assert (base - probe["logits"]).abs().max() > 1e-2
+
 
 @pytest.mark.parametrize("config, engine, stage", [("multi_gpu.yaml", "MULTI_CPU", None), ("zero3.yaml", "DEEPSPEED", 3)])
 def test_4bit_base(tmp_path, tiny_path, config, engine, stage):
